@@ -1,0 +1,26 @@
+"""The converter: source -> plan -> FP8 numerics -> shards, index and manifest.
+
+Each stage is one module: ``source`` (folders, header validation), ``plan`` (which tensors, which
+scheme, why), ``numerics`` (the only FP8 math), ``writer`` (streamed shards, atomic publish),
+``manifest`` (what was written, and ``verify``), ``convert`` (the job), ``cli`` (``omni-convert``).
+"""
+
+from .convert import ConversionResult, convert
+from .errors import OmniFp8Error
+from .manifest import read_manifest, verify
+from .options import Fp8Config
+from .plan import Plan, make_plan
+from .source import Source, open_source
+
+__all__ = [
+    "Fp8Config",
+    "convert",
+    "ConversionResult",
+    "open_source",
+    "Source",
+    "make_plan",
+    "Plan",
+    "read_manifest",
+    "verify",
+    "OmniFp8Error",
+]

@@ -1,0 +1,217 @@
+"""``omni-convert``: the command line over ``convert``, ``make_plan``, ``verify`` and the demo.
+
+Known failures print one line (``error: <what, where, why, fix>``) and exit 1; ``--debug`` shows
+the traceback instead. Progress bars go to stderr, results to stdout; ``--json`` makes stdout a
+single JSON document for scripts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from .convert import DEFAULT_MAX_SHARD_SIZE, execute
+from .errors import OmniFp8Error
+from .manifest import read_manifest, verify
+from .options import Fp8Config, parse_size
+from .plan import make_plan
+from .presets import available_presets
+from .source import MANIFEST_NAME, open_source
+
+_DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn known errors into one line on stderr and exit status 1 (``--debug`` re-raises)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except (OmniFp8Error, OSError) as e:
+            if debug:
+                raise
+            message = str(e) if isinstance(e, OmniFp8Error) else f"{type(e).__name__}: {e}"
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was published", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that shape a plan, shared by ``convert`` and ``inspect``."""
+    options = [
+        click.option("--preset", metavar="NAME",
+                     help=f"Recipe from manifests/ ({', '.join(available_presets())}); 'none' for no "
+                          "preset. Default: the one registered for the model's class."),
+        click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
+                     help="Layers kept in high precision; repeatable or comma-separated. Whole name "
+                          "components (img_mlp, attn.to_q), 're:' for a regex, fused names "
+                          "(to_qkv, add_kv_proj, w13) expand. Extends the preset."),
+        click.option("--weight-block-size", metavar="BN,BK",
+                     help="Block-wise weight scales, e.g. 128,128 (default: one scale per tensor)."),
+        click.option("--activation-scheme", type=click.Choice(["dynamic", "static"]), default="dynamic",
+                     show_default=True, help="'static' needs calibration and is not supported yet."),
+        click.option("--dtype", type=click.Choice(list(_DTYPES)), default="keep", show_default=True,
+                     help="dtype of the tensors that stay high precision ('keep': as in the source)."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _config(preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
+            activation_scheme: str) -> Fp8Config:
+    return Fp8Config(
+        ignored_layers=ignored_layers,
+        activation_scheme=activation_scheme,
+        weight_block_size=weight_block_size,
+        preset=preset,
+    )
+
+
+def _torch_dtype(name: str) -> Any:
+    if _DTYPES[name] is None:
+        return None
+    import torch
+
+    return getattr(torch, _DTYPES[name])
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="omni-fp8")
+def main(debug: bool) -> None:
+    """Convert diffusion-transformer checkpoints to FP8 weights, and inspect or verify the result."""
+
+
+@main.command()
+@click.argument("src")
+@click.argument("out")
+@_plan_options
+@click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
+              help="Largest output shard (e.g. 2GB, 500MB, 4GiB).")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier omni-fp8 output.")
+@click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars: just the final line.")
+@_fail_cleanly
+def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, ...],
+            weight_block_size: str | None, activation_scheme: str, dtype: str, as_json: bool,
+            max_shard_size: str, force: bool, quiet: bool) -> None:
+    """Convert the transformer of SRC (pipeline or transformer folder) into OUT.
+
+    \b
+    omni-convert convert ./Qwen-Image ./Qwen-Image-fp8
+    omni-convert convert ./transformer ./transformer-fp8 --ignored-layers img_mlp --weight-block-size 128,128
+    """
+    from .report import plan_text
+
+    config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
+    limit = parse_size(max_shard_size)
+    plan = make_plan(open_source(src), config, dtype=_torch_dtype(dtype))
+    if not quiet and not as_json:
+        click.echo(plan_text(plan, table=False), err=True)
+    result = execute(plan, out, max_shard_size=limit, force=force, progress=not quiet)
+    if as_json:
+        _emit_json(result.to_dict())
+    else:
+        click.echo(result.summary_line())
+
+
+@main.command()
+@click.argument("path")
+@_plan_options
+@_fail_cleanly
+def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
+            activation_scheme: str, dtype: str, as_json: bool) -> None:
+    """Show the plan for a source folder, or summarise a converted one.
+
+    For a source: what would be quantized, what kept and why, and the sizes before and after.
+    For a converted folder (it has fp8_manifest.json): what it holds and how it was made.
+    """
+    from pathlib import Path
+
+    from .report import folder_json, folder_text, plan_json, plan_text
+
+    folder = Path(path)
+    if (folder / MANIFEST_NAME).is_file():
+        manifest = read_manifest(folder)
+        if as_json:
+            _emit_json(folder_json(folder, manifest))
+        else:
+            click.echo(folder_text(folder, manifest))
+        return
+    config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
+    plan = make_plan(open_source(path), config, dtype=_torch_dtype(dtype))
+    if as_json:
+        _emit_json(plan_json(plan))
+    else:
+        click.echo(plan_text(plan))
+
+
+@main.command(name="verify")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_fail_cleanly
+def verify_command(path: str, as_json: bool, quiet: bool) -> None:
+    """Re-hash every file of a converted folder against its manifest (exit 1 on any difference)."""
+    from tqdm.auto import tqdm
+
+    from .manifest import manifest_total_bytes
+    from .report import size_text
+
+    total = manifest_total_bytes(read_manifest(path))
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Verifying", disable=quiet) as bar:
+        report = verify(path, on_bytes=bar.update)
+    if as_json:
+        _emit_json(report.to_dict())
+    elif report.ok:
+        click.echo(f"OK: {report.checked} files, {size_text(report.bytes)} match {path}/{MANIFEST_NAME}")
+    else:
+        for problem in report.problems:
+            click.echo(f"  {problem}", err=True)
+    if not report.ok:
+        if not as_json:
+            click.echo(f"error: {path}: {len(report.problems)} file(s) differ from the manifest; "
+                       "convert again or restore them.", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier demo output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_fail_cleanly
+def demo(out: str, force: bool, quiet: bool, as_json: bool) -> None:
+    """Build a tiny random-weight Qwen-Image transformer in OUT and convert it (no download)."""
+    from .demo import run_demo
+
+    info = run_demo(out, force=force, progress=not quiet)
+    result = info.pop("result")
+    if as_json:
+        _emit_json({**info, "conversion": result.to_dict()})
+        return
+    click.echo(f"BF16 source: {info['source']}")
+    click.echo(result.summary_line())
+    click.echo(f"Dequantized FP8 weights vs BF16: relative L2 error {info['weight_rel_l2_mean']:.4f} mean, "
+               f"{info['weight_rel_l2_max']:.4f} worst")
+    click.echo(f"Next: omni-convert inspect {info['output']}")
+
+
+if __name__ == "__main__":
+    main()

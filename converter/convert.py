@@ -1,0 +1,167 @@
+"""The conversion job: source -> plan -> shards, config, index, carried-over files -> manifest.
+
+``convert`` is the one entry point; ``omni-convert convert`` and the Python API both end here.
+
+    >>> from omni_fp8 import convert
+    >>> result = convert("./Qwen-Image", "./Qwen-Image-fp8")  # doctest: +SKIP
+    >>> print(result.summary_line())  # doctest: +SKIP
+    QwenImageTransformer2DModel: 40.9 GB -> 24.4 GB (59.8%), 720/846 Linears in FP8, 14.2 s (2.88 GB/s)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .manifest import build_manifest
+from .options import Fp8Config, parse_size
+from .plan import Plan, make_plan
+from .report import size_text
+from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, open_source
+from .writer import (
+    FileRecord,
+    carry_over,
+    check_output,
+    hash_file,
+    publish,
+    staging_folder,
+    write_index,
+    write_json,
+    write_shards,
+)
+
+__all__ = ["convert", "execute", "ConversionResult", "DEFAULT_MAX_SHARD_SIZE"]
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """A finished conversion: where it went, its manifest, and how long it took."""
+
+    output: Path
+    manifest: dict[str, Any]
+    seconds: float
+
+    @property
+    def source_bytes(self) -> int:
+        return self.manifest["totals"]["source_bytes"]
+
+    @property
+    def output_bytes(self) -> int:
+        return self.manifest["totals"]["output_bytes"]
+
+    def summary_line(self) -> str:
+        totals = self.manifest["totals"]
+        rate = self.source_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        return (
+            f"{self.manifest['source']['class_name']}: {size_text(self.source_bytes)} -> {size_text(self.output_bytes)} "
+            f"({100 * self.output_bytes / max(self.source_bytes, 1):.1f}%), "
+            f"{totals['linears_quantized']}/{totals['linears']} Linears in FP8, "
+            f"{self.seconds:.1f} s ({rate:.2f} GB/s) -> {self.output}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        totals = self.manifest["totals"]
+        return {
+            "output": str(self.output),
+            "source": self.manifest["source"],
+            "options": self.manifest["options"],
+            "quantization_config": self.manifest["quantization_config"],
+            "source_bytes": self.source_bytes,
+            "output_bytes": self.output_bytes,
+            "linears": totals["linears"],
+            "linears_quantized": totals["linears_quantized"],
+            "seconds": round(self.seconds, 3),
+            "files": len(self.manifest["files"]),
+        }
+
+
+def convert(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    config: Fp8Config | Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = True,
+) -> ConversionResult:
+    """Convert a BF16/FP16/FP32 diffusers checkpoint to FP8 weights in a new folder.
+
+    ``src`` is a pipeline folder (its transformer is converted, every other component is
+    hard-linked or copied, so ``out`` is a complete pipeline) or a transformer folder. ``src`` is
+    never modified; ``out`` appears only once complete.
+
+    Args:
+        config: An ``Fp8Config`` or the equivalent dict; ``None`` means defaults plus the preset
+            registered for the model's class.
+        dtype: Cast the tensors that stay high precision (e.g. ``torch.bfloat16``); ``None``
+            keeps them byte for byte.
+        max_shard_size: Largest output shard, in bytes or as ``"5GB"``.
+        force: Replace ``out`` if it is an earlier omni-fp8 output.
+        progress: Show progress bars.
+    """
+    start = time.perf_counter()
+    config = Fp8Config.coerce(config)
+    limit = parse_size(max_shard_size)
+    plan = make_plan(open_source(src), config, dtype=dtype)
+    return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
+
+
+def execute(
+    plan: Plan,
+    out: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: bool = True,
+    started: float | None = None,
+) -> ConversionResult:
+    """Carry out a plan (see ``make_plan``); ``convert`` is this plus planning."""
+    start = time.perf_counter() if started is None else started
+    limit = parse_size(max_shard_size)
+    source = plan.source
+    out = Path(out).expanduser().absolute()
+    check_output(out, source.root, force=force)
+    component = source.subfolder
+    prefix = f"{component}/" if component else ""
+
+    with staging_folder(out) as staging:
+        carried = {rel: carry_over(source.root / rel, staging / rel) for rel in source.passthrough_files()}
+        model_out = staging / component
+        model_out.mkdir(parents=True, exist_ok=True)
+
+        with tqdm(total=plan.source_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress) as bar:
+            records, weight_map = write_shards(
+                plan, model_out, max_shard_size=limit, on_tensor=lambda t: bar.update(t.source.nbytes)
+            )
+        files: dict[str, FileRecord] = {prefix + name: rec for name, rec in records.items()}
+        files[prefix + INDEX_NAME] = write_index(model_out, weight_map, plan.output_bytes)
+        config = dict(source.config)
+        config["quantization_config"] = plan.quantization_config()
+        files[prefix + CONFIG_NAME] = write_json(model_out / CONFIG_NAME, config)
+
+        carried_bytes = sum((staging / rel).stat().st_size for rel in carried)
+        with tqdm(total=carried_bytes, unit="B", unit_scale=True, desc="Hashing carried-over files",
+                  disable=not progress or carried_bytes < (256 << 20)) as bar:
+            for rel in carried:
+                files[rel] = hash_file(staging / rel)
+                bar.update(files[rel].size)
+
+        seconds = time.perf_counter() - start
+        manifest = build_manifest(
+            plan, component=component, weight_map=weight_map, files=files, carried=carried, seconds=seconds
+        )
+        write_json(staging / MANIFEST_NAME, manifest)  # last: its presence means "complete"
+        publish(staging, out)
+    return ConversionResult(output=out, manifest=manifest, seconds=time.perf_counter() - start)
+
+

@@ -1,0 +1,44 @@
+"""omni-fp8: FP8 weights for diffusion transformers, converted offline or while loading.
+
+    >>> from omni_fp8 import convert, load_transformer, Fp8Config
+    >>> convert("./Qwen-Image", "./Qwen-Image-fp8", config=Fp8Config(weight_block_size=(128, 128)))  # doctest: +SKIP
+    >>> transformer = load_transformer("./Qwen-Image", quantization="fp8", device="cuda")  # doctest: +SKIP
+
+The stages live in ``omni_fp8.converter`` and ``omni_fp8.runtime``; this module re-exports the
+public API.
+"""
+
+from omni_fp8.converter import (
+    ConversionResult,
+    Fp8Config,
+    OmniFp8Error,
+    Plan,
+    Source,
+    convert,
+    make_plan,
+    open_source,
+    read_manifest,
+    verify,
+)
+from omni_fp8.converter import errors
+from omni_fp8.converter.manifest import tool_version
+from omni_fp8.runtime import Fp8Linear, load_transformer
+
+__version__ = tool_version()
+
+__all__ = [
+    "Fp8Config",
+    "load_transformer",
+    "Fp8Linear",
+    "convert",
+    "ConversionResult",
+    "open_source",
+    "Source",
+    "make_plan",
+    "Plan",
+    "read_manifest",
+    "verify",
+    "OmniFp8Error",
+    "errors",
+    "__version__",
+]

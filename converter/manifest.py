@@ -1,0 +1,177 @@
+"""``fp8_manifest.json``: what a converted folder holds, how it was made, and how to check it.
+
+The manifest sits at the output root and is written last: its presence means the conversion
+finished. It records the tool and format versions, the source, the resolved options, every
+output tensor (shard, source dtype, shape, scheme, and for kept tensors the reason), the size
+and SHA-256 of every output file, and the byte totals. ``verify`` re-hashes the files against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import CorruptCheckpointError, SourceNotFoundError
+from .plan import KEPT, Plan
+from .safetensors_format import dtype_name
+from .source import MANIFEST_NAME, read_json
+from .writer import FileRecord, hash_file
+
+__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "build_manifest", "read_manifest", "verify", "VerifyReport"]
+
+MANIFEST_FORMAT = "omni-fp8-manifest"
+MANIFEST_VERSION = 1
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("omni-fp8")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_manifest(
+    plan: Plan,
+    *,
+    component: str,
+    weight_map: Mapping[str, str],
+    files: Mapping[str, FileRecord],
+    carried: Mapping[str, str],
+    seconds: float,
+) -> dict[str, Any]:
+    """Assemble the manifest of a finished conversion.
+
+    Args:
+        component: The transformer folder relative to the output root (``""`` or ``"transformer"``).
+        weight_map: Output tensor name -> shard file name (inside ``component``).
+        files: Every output file but the manifest, relative to the root, with size and SHA-256.
+        carried: Files carried over from the source, and whether they were linked or copied.
+    """
+    prefix = f"{component}/" if component else ""
+    tensors: list[dict[str, Any]] = []
+    for t in plan.tensors:
+        outputs = t.outputs
+        entry: dict[str, Any] = {
+            "name": t.name,
+            "shard": prefix + weight_map[t.name],
+            "source_dtype": t.source.dtype,
+            "dtype": dtype_name(outputs[0].dtype),
+            "shape": list(t.source.shape),
+            "scheme": t.scheme,
+        }
+        if t.scheme == KEPT:
+            entry["reason"] = t.reason
+        else:
+            entry["scale"] = t.scale_name
+        tensors.append(entry)
+        for scale in outputs[1:]:
+            tensors.append(
+                {
+                    "name": scale.name,
+                    "shard": prefix + weight_map[scale.name],
+                    "source_dtype": None,
+                    "dtype": dtype_name(scale.dtype),
+                    "shape": list(scale.shape),
+                    "scheme": "scale",
+                    "scale_of": t.name,
+                }
+            )
+    source = plan.source
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "tool": {"name": "omni-fp8", "version": tool_version()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            **source.origin,
+            "kind": source.kind,
+            "component": source.subfolder,
+            "class_name": source.class_name,
+        },
+        "component": component,
+        "options": plan.options(),
+        "quantization_config": plan.quantization_config(),
+        "totals": {
+            "source_bytes": plan.source_bytes,
+            "output_bytes": plan.output_bytes,
+            "tensors": len(tensors),
+            "linears": len(plan.linears),
+            "linears_quantized": sum(d.quantized for d in plan.linears.values()),
+            "seconds": round(seconds, 3),
+        },
+        "carried_over": dict(sorted(carried.items())),
+        "files": {name: rec.to_dict() for name, rec in sorted(files.items())},
+        "tensors": tensors,
+    }
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Load and check a folder's manifest; raise a one-line error if it is missing or foreign."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise SourceNotFoundError(
+            f"{path}: no manifest; this is not a finished omni-fp8 output (an interrupted run leaves "
+            "none). Convert again.",
+            path=path,
+        )
+    manifest = read_json(path, "the manifest")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise CorruptCheckpointError(f"{path}: not an omni-fp8 manifest.", path=path)
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise CorruptCheckpointError(
+            f"{path}: manifest format_version {manifest.get('format_version')!r} is not "
+            f"{MANIFEST_VERSION}; upgrade omni-fp8 to read it.",
+            path=path,
+        )
+    return manifest
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    checked: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": str(self.folder), "ok": self.ok, "files_checked": self.checked,
+                "bytes": self.bytes, "problems": self.problems}
+
+
+def verify(folder: str | Path, *, on_bytes: Callable[[int], None] | None = None) -> VerifyReport:
+    """Re-hash every file the manifest lists; report missing, changed and unlisted files."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    report = VerifyReport(folder)
+    listed = manifest.get("files", {})
+    for rel, expected in listed.items():
+        path = folder / rel
+        if not path.is_file():
+            report.problems.append(f"{rel}: missing")
+            continue
+        record = hash_file(path)
+        report.checked += 1
+        report.bytes += record.size
+        if on_bytes is not None:
+            on_bytes(record.size)
+        if record.size != expected["size"]:
+            report.problems.append(f"{rel}: size {record.size} != {expected['size']} in the manifest")
+        elif record.sha256 != expected["sha256"]:
+            report.problems.append(f"{rel}: SHA-256 differs from the manifest (the file was changed)")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST_NAME and rel not in listed and not any(part.startswith(".") for part in path.parts[len(folder.parts):]):
+            report.problems.append(f"{rel}: not in the manifest")
+    return report
+
+
+def manifest_total_bytes(manifest: Mapping[str, Any]) -> int:
+    return sum(f["size"] for f in manifest.get("files", {}).values())

@@ -1,0 +1,202 @@
+"""The FP8 arithmetic: the only place in omni-fp8 where a weight becomes FP8.
+
+The converter and the runtime both call these functions, so a checkpoint converted offline and a
+model quantized while loading hold the same bits.
+
+The contract (E4M3FN, largest finite value 448):
+
+* per tensor: ``s = amax(|W|) / 448`` in float32 (``1.0`` when amax is 0),
+  ``q = round_to_nearest_even(clamp(W_fp32 / s, -448, 448))``; stored as ``weight_scale = s``;
+* per ``(bn, bk)`` block: the same for every block (edge blocks are partial), stored as the
+  float32 grid ``weight_scale_inv`` of shape ``[ceil(N / bn), ceil(K / bk)]``;
+* dequantization is ``q * s`` in both cases.
+
+The work goes through a small float32 scratch buffer a chunk at a time: the obvious one-liner
+materialises two full float32 copies of the weight and runs several times slower on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import NonFiniteWeightError
+
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "HIGH_PRECISION_DTYPES",
+    "block_scale_shape",
+    "quantize_weight",
+    "quantize_per_tensor",
+    "quantize_blockwise",
+    "dequantize_weight",
+    "quantize_activation_per_token",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+HIGH_PRECISION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Elements per float32 scratch chunk: 4 MiB, small enough to stay in cache, large enough that
+# per-op overhead vanishes (measured on 2 CPU cores: 1.5 GB/s of BF16 input vs 0.15 naive).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def block_scale_shape(shape: tuple[int, ...], block_size: tuple[int, int]) -> tuple[int, int]:
+    """Shape of the ``weight_scale_inv`` grid for a ``[N, K]`` weight."""
+    n, k = shape
+    return math.ceil(n / block_size[0]), math.ceil(k / block_size[1])
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    block_size: tuple[int, int] | None = None,
+    *,
+    name: str = "weight",
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a ``[N, K]`` weight: ``(q, weight_scale)`` or ``(q, weight_scale_inv)``.
+
+    ``name`` only serves the error message when the weight holds NaN or Inf. ``out``, an FP8
+    tensor of the weight's shape, receives ``q`` instead of a fresh allocation.
+    """
+    if block_size is None:
+        return quantize_per_tensor(weight, name=name, out=out)
+    return quantize_blockwise(weight, block_size, name=name, out=out)
+
+
+def quantize_per_tensor(
+    weight: torch.Tensor, *, name: str = "weight", out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 scale for the whole tensor; returns ``(q, scale)``, ``scale`` 0-dim float32."""
+    _check_weight(weight, name)
+    weight = weight.contiguous()
+    scale = _scale_from_amax(_amax(weight, name))
+    flat = weight.view(-1)
+    q = _output(weight, out).view(-1)
+    scratch = torch.empty(min(_CHUNK_ELEMENTS, flat.numel()), dtype=torch.float32, device=weight.device)
+    divisor = scale.reshape(1)  # 1-d, so the division promotes to float32 instead of the weight's dtype
+    for start in range(0, flat.numel(), _CHUNK_ELEMENTS):
+        stop = min(start + _CHUNK_ELEMENTS, flat.numel())
+        _to_fp8(flat[start:stop], divisor, scratch[: stop - start], q[start:stop])
+    return q.view(weight.shape), scale
+
+
+def quantize_blockwise(
+    weight: torch.Tensor, block_size: tuple[int, int], *, name: str = "weight", out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 scale per ``(bn, bk)`` block; returns ``(q, scale_inv)`` with the scale grid."""
+    _check_weight(weight, name)
+    weight = weight.contiguous()
+    n, k = weight.shape
+    bn, bk = block_size
+    grid_n, grid_k = block_scale_shape((n, k), block_size)
+    full_k = (k // bk) * bk  # columns covered by whole blocks; the rest is one partial block
+    q = _output(weight, out)
+    scales = torch.empty((grid_n, grid_k), dtype=torch.float32, device=weight.device)
+    scratch = torch.empty(min(bn, n) * k, dtype=torch.float32, device=weight.device)
+    for row in range(grid_n):
+        r0, r1 = row * bn, min((row + 1) * bn, n)
+        rows, q_rows = weight[r0:r1], q[r0:r1]
+        buf = scratch[: (r1 - r0) * k].view(r1 - r0, k)
+        buf.copy_(rows)
+        if full_k:
+            blocks = buf[:, :full_k].view(r1 - r0, full_k // bk, bk)
+            row_scales = _scale_from_amax(_block_amax(blocks, name))
+            scales[row, : full_k // bk] = row_scales
+            blocks.div_(row_scales.view(1, -1, 1))
+        if full_k < k:
+            tail = buf[:, full_k:]
+            tail_scale = _scale_from_amax(_amax(tail, name))
+            scales[row, -1] = tail_scale
+            tail.div_(tail_scale)
+        buf.clamp_(-FP8_MAX, FP8_MAX)
+        q_rows.copy_(buf)  # the float32 -> float8_e4m3fn cast rounds to nearest even
+    return q, scales
+
+
+def dequantize_weight(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block_size: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``q * scale`` (per tensor) or ``q * scale_inv`` expanded over its blocks, cast to ``dtype``."""
+    out = q.to(torch.float32)
+    if block_size is None:
+        out.mul_(scale.to(torch.float32))
+    else:
+        bn, bk = block_size
+        n, k = q.shape
+        expanded = scale.to(torch.float32).repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        out.mul_(expanded)
+    return out.to(dtype)
+
+
+def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization, one scale per token (row): ``(q, scale)``.
+
+    The weight rule applied along the last dim: ``s = amax(|x_row|) / 448`` in float32 (1 for an
+    all-zero row), ``q = RNE(clamp(x_fp32 / s))``. ``scale`` has shape ``[..., 1]``. Written as plain
+    tensor ops so ``torch.compile`` fuses it and every device computes the same bits.
+    """
+    x32 = x.to(torch.float32)
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+    q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def _check_weight(weight: torch.Tensor, name: str) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: FP8 weights must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if weight.dtype not in HIGH_PRECISION_DTYPES:
+        raise ValueError(f"{name}: cannot quantize a {weight.dtype} tensor; expected BF16, FP16 or FP32")
+
+
+def _output(weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device)
+    if out.dtype != FP8_DTYPE or out.shape != weight.shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {FP8_DTYPE} tensor of shape {tuple(weight.shape)}")
+    return out
+
+
+def _amax(values: torch.Tensor, name: str) -> torch.Tensor:
+    """max(|values|) as a float32 0-dim tensor, without materialising |values|."""
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=values.device)
+    lo, hi = torch.aminmax(values)
+    amax = torch.maximum(lo.float().neg(), hi.float())
+    if not torch.isfinite(amax):
+        raise _non_finite(name)
+    return amax
+
+
+def _block_amax(blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """Per-block max(|x|) over a ``[rows, n_blocks, bk]`` float32 view: one value per block."""
+    amax = torch.maximum(blocks.amax(dim=(0, 2)), blocks.amin(dim=(0, 2)).neg())
+    if not torch.isfinite(amax).all():
+        raise _non_finite(name)
+    return amax
+
+
+def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    # float32 / python float stays float32; an all-zero tensor gets scale 1 so q = 0 and q * s = 0.
+    scale = amax.to(torch.float32) / FP8_MAX
+    return torch.where(amax == 0, torch.ones_like(scale), scale)
+
+
+def _to_fp8(src: torch.Tensor, divisor: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor) -> None:
+    torch.div(src, divisor, out=scratch)  # upcast and divide in one pass: exactly W_fp32 / s
+    scratch.clamp_(-FP8_MAX, FP8_MAX)
+    out.copy_(scratch)
+
+
+def _non_finite(name: str) -> NonFiniteWeightError:
+    return NonFiniteWeightError(
+        f"{name}: the weight holds NaN or Inf, so it has no FP8 scale; the checkpoint is damaged "
+        "(re-download or re-export it), or keep this layer in high precision with --ignored-layers."
+    )

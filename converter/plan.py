@@ -1,0 +1,460 @@
+"""Which tensors become FP8, which stay as they are, and why.
+
+The decision comes from the model, not from tensor names: the diffusers class named in
+``config.json`` is built on the meta device (no memory) and its ``nn.Linear`` modules are the
+candidates. A Linear weight is quantized when both its dims are multiples of 16 (what FP8 GEMMs
+accept) and no ``ignored_layers`` pattern matches it. Every other tensor is kept, with a reason
+the manifest records: ``ignored:<pattern>``, ``dtype-read`` (the model's code reads the weight's dtype), ``unaligned`` or
+``not-linear``.
+
+``plan_linears`` is the decision itself and serves the runtime loader too, so a model quantized
+while loading makes exactly the converter's choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelMismatchError, PatternMatchError, UnsupportedSourceError
+from .numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, block_scale_shape
+from .options import ALIGNMENT, Fp8Config
+from .presets import Preset, resolve_preset
+from .safetensors_format import TensorInfo
+from .source import Source
+
+__all__ = [
+    "LayerPattern",
+    "compile_patterns",
+    "LinearDecision",
+    "plan_linears",
+    "linear_shapes",
+    "dtype_read_linears",
+    "meta_model",
+    "empty_model",
+    "OutputTensor",
+    "TensorPlan",
+    "Plan",
+    "make_plan",
+]
+
+FP8_TENSOR, FP8_BLOCK, KEPT = "fp8_tensor", "fp8_block", "kept"
+NOT_LINEAR, UNALIGNED, DTYPE_READ = "not-linear", "unaligned", "dtype-read"
+
+# vllm-omni fuses these projections into one Linear; users write the fused names in its configs.
+ALIASES: Mapping[str, tuple[str, ...]] = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "add_kv_proj": ("add_q_proj", "add_k_proj", "add_v_proj"),
+    "w13": ("w1", "w3"),
+}
+
+
+@dataclass(frozen=True)
+class LayerPattern:
+    """One ``ignored_layers`` entry, compiled.
+
+    A plain pattern is a dot-separated run of name components that must appear, whole and in
+    order, somewhere in the module name; fused aliases expand per component. ``re:`` patterns
+    are ``re.search``-ed against the full module name.
+    """
+
+    text: str
+    regex: re.Pattern[str] | None = None
+    sequences: tuple[tuple[str, ...], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> LayerPattern:
+        if text.startswith("re:"):
+            try:
+                return cls(text=text, regex=re.compile(text[3:]))
+            except re.error as e:
+                raise ConfigError(f"ignored_layers pattern {text!r} is not a valid regex: {e}.") from e
+        parts = text.split(".")
+        if not all(parts):
+            raise ConfigError(
+                f"ignored_layers pattern {text!r} has an empty name component; write e.g. 'img_mlp' "
+                "or 'attn.to_q', or use 're:' for a regex."
+            )
+        sequences: list[tuple[str, ...]] = [()]
+        for part in parts:
+            sequences = [seq + (alt,) for seq in sequences for alt in ALIASES.get(part, (part,))]
+        return cls(text=text, sequences=tuple(sequences))
+
+    def matches(self, module_name: str) -> bool:
+        if self.regex is not None:
+            return self.regex.search(module_name) is not None
+        components = module_name.split(".")
+        for seq in self.sequences:
+            n = len(seq)
+            if any(tuple(components[i : i + n]) == seq for i in range(len(components) - n + 1)):
+                return True
+        return False
+
+
+def compile_patterns(texts: Iterable[str]) -> tuple[LayerPattern, ...]:
+    return tuple(LayerPattern.parse(t) for t in texts)
+
+
+@dataclass(frozen=True)
+class LinearDecision:
+    """What happens to one Linear: ``fp8_tensor``, ``fp8_block`` or ``kept`` (with the reason)."""
+
+    scheme: str
+    reason: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != KEPT
+
+
+def plan_linears(
+    shapes: Mapping[str, tuple[int, int]],
+    config: Fp8Config,
+    patterns: Iterable[str],
+    *,
+    class_name: str = "the model",
+    dtype_read: Iterable[str] = (),
+) -> dict[str, LinearDecision]:
+    """Decide every Linear: ``shapes`` maps module name -> (out_features, in_features).
+
+    ``dtype_read`` names Linears whose weight dtype the model's own code reads (see
+    ``dtype_read_linears``); they stay high precision whatever the patterns say. Raises
+    ``PatternMatchError`` if a pattern matches none of the Linears, listing the closest names, so
+    a typo cannot silently quantize a layer the user meant to keep.
+    """
+    dtype_read = set(dtype_read)
+    compiled = compile_patterns(patterns)
+    hits = {p.text: 0 for p in compiled}
+    decisions: dict[str, LinearDecision] = {}
+    for name, (out_features, in_features) in shapes.items():
+        matching = [p.text for p in compiled if p.matches(name)]
+        for text in matching:
+            hits[text] += 1
+        if matching:
+            decisions[name] = LinearDecision(KEPT, f"ignored:{matching[0]}")
+        elif name in dtype_read:
+            decisions[name] = LinearDecision(KEPT, DTYPE_READ)
+        elif out_features % ALIGNMENT or in_features % ALIGNMENT:
+            decisions[name] = LinearDecision(KEPT, UNALIGNED)
+        else:
+            decisions[name] = LinearDecision(config.scheme)
+    unmatched = [text for text, n in hits.items() if n == 0]
+    if unmatched:
+        raise PatternMatchError(_unmatched_message(unmatched[0], shapes, class_name))
+    return decisions
+
+
+def _unmatched_message(pattern: str, shapes: Mapping[str, Any], class_name: str) -> str:
+    names = list(shapes)
+    components = sorted({c for n in names for c in n.split(".") if not c.isdigit()})
+    probe = pattern[3:] if pattern.startswith("re:") else pattern.split(".")[-1]
+    close = difflib.get_close_matches(probe, components, n=4, cutoff=0.5)
+    close += [n for n in difflib.get_close_matches(pattern, names, n=2, cutoff=0.6)]
+    hint = f"closest names: {', '.join(close)}" if close else f"Linear layers include: {', '.join(names[:4])}"
+    return (
+        f"ignored_layers pattern {pattern!r} matches no Linear layer of {class_name}; {hint}. "
+        "A plain pattern matches whole name components (img_mlp, attn.to_q); 're:' takes a regex."
+    )
+
+
+# ``self.mlp[0].weight.dtype`` and the like, in a module's forward.
+_WEIGHT_DTYPE_READ = re.compile(r"self\.(\w+(?:\.\w+|\[\d+\])*)\.weight\.dtype")
+
+
+def dtype_read_linears(model: nn.Module) -> set[str]:
+    """Linears whose weight dtype the model's forward reads, found in the model's source code.
+
+    Z-Image's timestep embedder casts its input to ``self.mlp[0].weight.dtype``: with an FP8
+    weight the input would become FP8 and the forward would fail. Such layers must stay high
+    precision whatever the user's patterns say, so the plan keeps them with reason ``dtype-read``.
+    """
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    found = set()
+    for name, module in model.named_modules():
+        for path in _weight_dtype_reads(type(module)):
+            target = f"{name}.{path}" if name else path
+            if target in linears:
+                found.add(target)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_dtype_reads(cls: type) -> tuple[str, ...]:
+    try:
+        code = inspect.getsource(cls.forward)
+    except (OSError, TypeError, AttributeError):
+        return ()
+    return tuple(re.sub(r"\[(\d+)\]", r".\1", m) for m in _WEIGHT_DTYPE_READ.findall(code))
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Module name -> (out_features, in_features) for every ``nn.Linear`` (subclasses included)."""
+    return {
+        name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+
+
+def meta_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
+    """Build the diffusers class named in ``config.json`` on the meta device: structure, no memory."""
+    return _construct(class_name, config, torch.device("meta"))
+
+
+def empty_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
+    """Build the model with every parameter on the meta device but real buffers.
+
+    Buffers and plain tensors a model computes in ``__init__`` (rotary tables, say) are not in
+    checkpoints, so they must exist for real; parameters are filled in by the loader.
+    """
+    return _construct(class_name, config, _parameters_on_meta())
+
+
+def _construct(class_name: str, config: Mapping[str, Any], context: Any) -> nn.Module:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module) or not hasattr(cls, "from_config"):
+        raise UnsupportedSourceError(
+            f"config.json names {class_name!r}, which is not a model class of diffusers "
+            f"{diffusers.__version__}; upgrade diffusers, or check that this is a diffusers transformer."
+        )
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    previous = diffusers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()  # from_config warns about every key it does not use
+    try:
+        with context:
+            return cls.from_config(config)
+    except Exception as e:  # a malformed config surfaces as anything from the model's __init__
+        raise UnsupportedSourceError(
+            f"could not build {class_name} from config.json ({type(e).__name__}: {e}); "
+            "the config is malformed or needs a newer diffusers."
+        ) from e
+    finally:
+        diffusers.logging.set_verbosity(previous)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """While building a model, move each parameter to the meta device as it is registered.
+
+    ``torch.empty`` reserves but never touches memory, so building a 20B-parameter model this way
+    costs no RAM; initialisers then run on meta tensors and do nothing.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One source tensor's fate and the output tensors it becomes."""
+
+    source: TensorInfo
+    scheme: str
+    reason: str | None = None
+    out_dtype: torch.dtype | None = None  # for kept tensors: the dtype written
+    block_size: tuple[int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def scale_name(self) -> str | None:
+        if self.scheme == FP8_TENSOR:
+            return self.name + "_scale"
+        if self.scheme == FP8_BLOCK:
+            return self.name + "_scale_inv"
+        return None
+
+    @property
+    def outputs(self) -> tuple[OutputTensor, ...]:
+        shape = self.source.shape
+        if self.scheme == FP8_TENSOR:
+            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, ()))
+        if self.scheme == FP8_BLOCK:
+            grid = block_scale_shape(shape, self.block_size)
+            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, grid))
+        return (OutputTensor(self.name, self.out_dtype or self.source.torch_dtype, shape),)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole conversion, decided before a byte is read: see ``make_plan``."""
+
+    source: Source
+    config: Fp8Config
+    preset: Preset | None
+    ignored_layers: tuple[str, ...]
+    linears: Mapping[str, LinearDecision]
+    tensors: tuple[TensorPlan, ...]
+    dtype: torch.dtype | None = None
+
+    @property
+    def pattern_hits(self) -> dict[str, int]:
+        """How many Linears each pattern keeps (the first matching pattern gets the credit)."""
+        hits = dict.fromkeys(self.ignored_layers, 0)
+        for d in self.linears.values():
+            if d.reason and d.reason.startswith("ignored:"):
+                hits[d.reason[len("ignored:") :]] += 1
+        return hits
+
+    @property
+    def kept_linears(self) -> list[str]:
+        return [name for name, d in self.linears.items() if not d.quantized]
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.source.nbytes for t in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(o.nbytes for t in self.tensors for o in t.outputs)
+
+    def quantization_config(self) -> dict[str, Any]:
+        """The ``quantization_config`` block of the output config.json, in vLLM's fp8 convention."""
+        block = self.config.weight_block_size
+        return {
+            "quant_method": "fp8",
+            "activation_scheme": self.config.activation_scheme,
+            "weight_block_size": list(block) if block else None,
+            "ignored_layers": self.kept_linears,
+            "is_checkpoint_fp8_serialized": True,
+        }
+
+    def options(self) -> dict[str, Any]:
+        """The options as resolved: the user's, the preset applied, for the manifest."""
+        out = self.config.to_dict()
+        out["preset"] = self.preset.name if self.preset else "none"
+        out["ignored_layers"] = list(self.ignored_layers)
+        out["dtype"] = _dtype_label(self.dtype)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.scheme] = counts.get(t.scheme, 0) + 1
+            if t.reason:
+                reasons[t.reason] = reasons.get(t.reason, 0) + 1
+        quantized = sum(t.source.nbytes for t in self.tensors if t.scheme != KEPT)
+        return {
+            "class_name": self.source.class_name,
+            "preset": self.preset.name if self.preset else None,
+            "ignored_layers": list(self.ignored_layers),
+            "pattern_hits": self.pattern_hits,
+            "weight_block_size": list(self.config.weight_block_size) if self.config.weight_block_size else None,
+            "tensors": len(self.tensors),
+            "schemes": counts,
+            "kept_reasons": reasons,
+            "linears": len(self.linears),
+            "linears_quantized": sum(d.quantized for d in self.linears.values()),
+            "source_bytes": self.source_bytes,
+            "quantized_source_bytes": quantized,
+            "output_bytes": self.output_bytes,
+        }
+
+
+def _dtype_label(dtype: torch.dtype | None) -> str:
+    return "keep" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def make_plan(
+    source: Source,
+    config: Fp8Config | Mapping[str, Any] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    model: nn.Module | None = None,
+) -> Plan:
+    """Decide every tensor of ``source`` under ``config``.
+
+    Args:
+        dtype: Cast the tensors that stay high precision to this dtype (``torch.bfloat16``);
+            ``None`` keeps each tensor's own dtype, byte for byte.
+        model: The model already built from ``source.config`` (the loader has one); by default a
+            meta-device instance is built for the plan.
+    """
+    config = Fp8Config.coerce(config)
+    if dtype is not None and dtype not in HIGH_PRECISION_DTYPES:
+        raise ConfigError(f"dtype {dtype} is not a high-precision float dtype; use bf16, fp16 or fp32.")
+    preset = resolve_preset(config.preset, source.class_name)
+    ignored = tuple(dict.fromkeys((*(preset.ignored_layers if preset else ()), *config.ignored_layers)))
+    model = model if model is not None else meta_model(source.class_name, source.config)
+    shapes = linear_shapes(model)
+    decisions = plan_linears(shapes, config, ignored, class_name=source.class_name, dtype_read=dtype_read_linears(model))
+
+    infos = {t.name: t for t in source.tensors}
+    weight_of = {f"{name}.weight": name for name in shapes}
+    missing = [w for w in weight_of if w not in infos]
+    if missing:
+        raise ModelMismatchError(
+            f"{source.model_dir}: the checkpoint lacks {len(missing)} Linear weight(s) of "
+            f"{source.class_name} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            "config.json does not describe these weights. Check _class_name and the layer counts."
+        )
+    plans = []
+    for info in source.tensors:
+        module = weight_of.get(info.name)
+        if module is None:
+            plans.append(_kept(info, NOT_LINEAR, dtype))
+            continue
+        expected = shapes[module]
+        if info.shape != expected:
+            raise ModelMismatchError(
+                f"{info.file}: {info.name} has shape {list(info.shape)} but {source.class_name} "
+                f"built from config.json expects {list(expected)}; the config does not match the weights."
+            )
+        if info.torch_dtype not in HIGH_PRECISION_DTYPES:
+            raise UnsupportedSourceError(
+                f"{info.file}: {info.name} is {info.dtype}; only BF16, FP16 and FP32 weights are quantized."
+            )
+        decision = decisions[module]
+        if decision.quantized:
+            plans.append(TensorPlan(info, decision.scheme, block_size=config.weight_block_size))
+        else:
+            plans.append(_kept(info, decision.reason, dtype))
+    return Plan(
+        source=source,
+        config=config,
+        preset=preset,
+        ignored_layers=ignored,
+        linears=decisions,
+        tensors=tuple(plans),
+        dtype=dtype,
+    )
+
+
+def _kept(info: TensorInfo, reason: str, dtype: torch.dtype | None) -> TensorPlan:
+    out = dtype if dtype is not None and info.torch_dtype.is_floating_point else None
+    return TensorPlan(info, KEPT, reason=reason, out_dtype=out)

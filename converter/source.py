@@ -1,0 +1,346 @@
+"""Where a checkpoint comes from: a diffusers pipeline folder or a transformer folder.
+
+``open_source`` resolves what the user named into a ``Source``: the folder holding the transformer
+(``config.json`` + safetensors shards [+ index]), its config, and every shard header, all validated
+before anything is converted (a bad shard found at 90% would waste the first 90%). Nothing here
+reads tensor data; ``Source.open_reader`` hands out tensors one at a time.
+
+Hub repository ids are meant to resolve to a local snapshot here and then follow the same path,
+so everything after this module only ever sees a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from .errors import (
+    CorruptCheckpointError,
+    PickleCheckpointError,
+    SourceNotFoundError,
+    UnsupportedSourceError,
+)
+from .safetensors_format import SafetensorsHeader, TensorInfo, read_header, read_tensor
+
+__all__ = [
+    "Source",
+    "open_source",
+    "read_json",
+    "WEIGHTS_NAME",
+    "INDEX_NAME",
+    "CONFIG_NAME",
+    "MODEL_INDEX_NAME",
+]
+
+CONFIG_NAME = "config.json"
+MODEL_INDEX_NAME = "model_index.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+MANIFEST_NAME = "fp8_manifest.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TRANSFORMER_COMPONENT = "transformer"
+_LAYOUT_HINT = (
+    "give a diffusers pipeline folder (with model_index.json) or a transformer folder "
+    "(config.json + *.safetensors)"
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A validated checkpoint: the transformer to convert and, for a pipeline, everything around it.
+
+    Attributes:
+        root: The folder the user named.
+        kind: ``"pipeline"`` (root has model_index.json) or ``"transformer"``.
+        model_dir: The folder holding the transformer's config and shards.
+        config: The transformer's config.json.
+        shards: Every shard's validated header, in load order.
+        origin: Provenance for the manifest (path now; repo id, revision, commit for Hub sources).
+    """
+
+    root: Path
+    kind: str
+    model_dir: Path
+    config: dict[str, Any]
+    shards: tuple[SafetensorsHeader, ...]
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return self.config["_class_name"]
+
+    @property
+    def subfolder(self) -> str:
+        """The transformer folder relative to ``root`` (``""`` for a transformer folder)."""
+        rel = self.model_dir.relative_to(self.root).as_posix()
+        return "" if rel == "." else rel
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        """Every tensor in file order, the order that reads the disk front to back."""
+        return [t for shard in self.shards for t in shard.tensors.values()]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(s.data_bytes for s in self.shards)
+
+    def passthrough_files(self) -> list[str]:
+        """Files a converted folder carries over unchanged, relative to ``root``.
+
+        For a pipeline: every other component and top-level file. Inside the transformer folder:
+        whatever is not a weight file, an index or config.json (a README, say).
+        """
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            here = Path(dirpath)
+            for name in sorted(filenames):
+                if name.startswith(".") or name == MANIFEST_NAME:
+                    continue
+                if here == self.model_dir and _is_weight_or_config(name):
+                    continue
+                out.append((here / name).relative_to(self.root).as_posix())
+        return out
+
+    @contextmanager
+    def open_reader(self) -> Iterator[_Reader]:
+        """Yield a reader that returns one tensor at a time, keeping shard files open."""
+        reader = _Reader()
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self._files: dict[Path, BinaryIO] = {}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        f = self._files.get(info.file)
+        if f is None:
+            f = self._files[info.file] = open(info.file, "rb")
+        return read_tensor(f, info)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Load a JSON object, or fail with one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except FileNotFoundError as e:
+        raise SourceNotFoundError(f"{path}: {what} not found.", path=path) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(
+            f"{path}: {what} is not valid JSON ({e}); fix or re-download it.", path=path
+        ) from e
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{path}: {what} must be a JSON object.", path=path)
+    return value
+
+
+def open_source(
+    src: str | os.PathLike[str], *, subfolder: str | None = None, allow_quantized: bool = False
+) -> Source:
+    """Resolve and validate a checkpoint folder.
+
+    Args:
+        src: A diffusers pipeline folder (its ``transformer/`` is converted) or a transformer folder.
+        subfolder: Convert this folder of ``src`` instead of looking for ``transformer/``.
+        allow_quantized: Accept an FP8 checkpoint (the loader reads them; the converter refuses
+            to quantize twice).
+
+    Example:
+        >>> source = open_source("./Qwen-Image")  # doctest: +SKIP
+        >>> source.class_name, source.data_bytes  # doctest: +SKIP
+        ('QwenImageTransformer2DModel', 40861043456)
+    """
+    root = Path(src).expanduser()
+    if not root.exists():
+        hint = ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+            hint = (
+                f" Hub repo ids are not read directly yet: run `hf download {src} --local-dir DIR` "
+                "and pass DIR."
+            )
+        raise SourceNotFoundError(f"{root}: no such folder; {_LAYOUT_HINT}.{hint}", path=root)
+    if not root.is_dir():
+        if root.suffix in PICKLE_SUFFIXES:
+            raise _pickle_error(root)
+        raise UnsupportedSourceError(f"{root}: not a folder; {_LAYOUT_HINT}.", path=root)
+    root = root.resolve()
+
+    if subfolder:
+        model_dir = (root / subfolder).resolve()
+        if root not in model_dir.parents:
+            raise UnsupportedSourceError(f"{subfolder!r} is not a folder inside {root}.", path=root)
+        kind = "pipeline" if (root / MODEL_INDEX_NAME).is_file() else "transformer"
+    elif (root / MODEL_INDEX_NAME).is_file():
+        kind, model_dir = "pipeline", _pipeline_transformer_dir(root)
+    else:
+        kind, model_dir = "transformer", root
+    if not model_dir.is_dir():
+        raise SourceNotFoundError(f"{model_dir}: no such folder; {_LAYOUT_HINT}.", path=model_dir)
+
+    config = _read_config(model_dir)
+    shards = _find_shards(model_dir)
+    if not allow_quantized:
+        _check_not_quantized(model_dir, config, shards)
+    return Source(
+        root=root,
+        kind=kind,
+        model_dir=model_dir,
+        config=config,
+        shards=shards,
+        origin={"type": "local", "path": str(root)},
+    )
+
+
+def _pipeline_transformer_dir(root: Path) -> Path:
+    index = read_json(root / MODEL_INDEX_NAME, "model_index.json")
+    if TRANSFORMER_COMPONENT not in index:
+        components = sorted(k for k in index if not k.startswith("_"))
+        raise UnsupportedSourceError(
+            f"{root / MODEL_INDEX_NAME}: the pipeline has no 'transformer' component "
+            f"(it has {', '.join(components) or 'none'}); pass the component's folder instead.",
+            path=root / MODEL_INDEX_NAME,
+        )
+    return root / TRANSFORMER_COMPONENT
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / CONFIG_NAME
+    if not path.is_file():
+        if _pickles(model_dir):
+            raise _pickle_error(model_dir)
+        raise SourceNotFoundError(f"{path}: config.json not found; {_LAYOUT_HINT}.", path=path)
+    config = read_json(path, "config.json")
+    if not isinstance(config.get("_class_name"), str) or not config["_class_name"]:
+        raise CorruptCheckpointError(
+            f"{path}: config.json has no '_class_name', so the model class is unknown; "
+            "it should name a diffusers class such as QwenImageTransformer2DModel.",
+            path=path,
+        )
+    return config
+
+
+def _find_shards(model_dir: Path) -> tuple[SafetensorsHeader, ...]:
+    index_path = model_dir / INDEX_NAME
+    if index_path.is_file():
+        return _shards_from_index(model_dir, index_path)
+    single = model_dir / WEIGHTS_NAME
+    if single.is_file():
+        return (read_header(single),)
+    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if len(found) == 1:
+        return (read_header(model_dir / found[0]),)
+    if found:
+        raise CorruptCheckpointError(
+            f"{model_dir}: {len(found)} safetensors files ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}) but no {INDEX_NAME} saying which belong to the model; "
+            "restore the index or keep one variant.",
+            path=model_dir,
+        )
+    if _pickles(model_dir):
+        raise _pickle_error(model_dir)
+    raise SourceNotFoundError(
+        f"{model_dir}: no *.safetensors weights found; {_LAYOUT_HINT}.", path=model_dir
+    )
+
+
+def _shards_from_index(model_dir: Path, index_path: Path) -> tuple[SafetensorsHeader, ...]:
+    index = read_json(index_path, "the shard index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError(
+            f"{index_path}: the index has no 'weight_map'; restore it from the original checkpoint.",
+            path=index_path,
+        )
+    files: dict[str, list[str]] = {}
+    for name, filename in weight_map.items():
+        if not isinstance(filename, str) or not _is_plain_filename(filename):
+            raise CorruptCheckpointError(
+                f"{index_path}: tensor {name!r} points to {filename!r}, outside the model folder; "
+                "an index may only name files beside it.",
+                path=index_path,
+            )
+        files.setdefault(filename, []).append(name)
+    shards = []
+    for filename, names in files.items():
+        path = model_dir / filename
+        if not path.is_file():
+            raise SourceNotFoundError(
+                f"{path}: shard named by {index_path.name} is missing ({len(names)} tensors, e.g. "
+                f"{names[0]!r}); re-download the checkpoint.",
+                path=path,
+            )
+        header = read_header(path)
+        mapped, present = set(names), set(header.tensors)
+        if mapped != present:
+            missing = sorted(mapped - present)
+            extra = sorted(present - mapped)
+            detail = (
+                f"the index maps {missing[0]!r} ({len(missing)} in all) to it but the file lacks it"
+                if missing
+                else f"it holds {extra[0]!r} ({len(extra)} in all) that the index does not map"
+            )
+            raise CorruptCheckpointError(
+                f"{path}: does not match {index_path.name}: {detail}; re-download the checkpoint.",
+                path=path,
+            )
+        shards.append(header)
+    return tuple(shards)
+
+
+def _check_not_quantized(model_dir: Path, config: dict[str, Any], shards: tuple[SafetensorsHeader, ...]) -> None:
+    quantized = "quantization_config" in config or any(
+        t.dtype.startswith("F8_") for s in shards for t in s.tensors.values()
+    )
+    if quantized:
+        raise UnsupportedSourceError(
+            f"{model_dir}: this checkpoint is already quantized (quantization_config or FP8 tensors); "
+            "convert the original BF16/FP16/FP32 checkpoint instead, or load this one as it is.",
+            path=model_dir,
+        )
+
+
+def _is_plain_filename(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _is_weight_or_config(name: str) -> bool:
+    return (
+        name == CONFIG_NAME
+        or name.endswith(".safetensors")
+        or name.endswith(".safetensors.index.json")
+        or name.endswith(PICKLE_SUFFIXES)
+        or name.endswith(".bin.index.json")
+    )
+
+
+def _pickles(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+
+
+def _pickle_error(where: Path) -> PickleCheckpointError:
+    found = [where] if where.is_file() else _pickles(where)
+    names = ", ".join(p.name for p in found[:3]) + (f" ({len(found) - 3} more)" if len(found) > 3 else "")
+    return PickleCheckpointError(
+        f"{where}: only pickle checkpoints found ({names}); omni-fp8 never unpickles (it can run "
+        "arbitrary code). Convert them to safetensors on a machine you trust, e.g. "
+        "model.save_pretrained(dir, safe_serialization=True).",
+        path=where,
+    )

@@ -1,0 +1,309 @@
+"""Writing a converted folder: streamed shards, the index, carried-over files, atomic publish.
+
+Shards are laid out from the plan before any tensor is read (every output dtype and shape is
+known), so each shard's header is written first and its tensors follow one at a time; the process
+never holds more than the tensor in hand and a small queue of finished ones. A weight and its
+scale always share a shard. File names and the index follow diffusers
+(``diffusion_pytorch_model-00001-of-00003.safetensors`` and
+``diffusion_pytorch_model.safetensors.index.json``), so the output looks like any diffusers folder.
+
+Everything is written into a hidden staging folder beside the output and renamed into place only
+when complete, manifest last: an interrupted run never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import queue
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import OutputExistsError
+from .numerics import FP8_DTYPE, quantize_weight
+from .plan import KEPT, Plan, TensorPlan
+from .safetensors_format import ShardWriter
+from .source import INDEX_NAME, MANIFEST_NAME
+
+__all__ = [
+    "FileRecord",
+    "assign_shards",
+    "shard_filename",
+    "write_shards",
+    "write_index",
+    "write_json",
+    "hash_file",
+    "carry_over",
+    "staging_folder",
+    "check_output",
+    "publish",
+]
+
+_QUEUE_DEPTH = 2  # finished tensors waiting for the writer thread: the bounded write buffer
+_POOL_BUFFERS = 4  # quantized weights in flight: filling, queued, being written, being hashed
+_HASH_CHUNK = 8 << 20
+_STAGING_MARK = ".omni-fp8-partial-"
+_OWNER_FILE = ".omni-fp8-owner.json"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "sha256": self.sha256}
+
+
+def shard_filename(index: int, count: int) -> str:
+    return f"diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def assign_shards(tensors: Sequence[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
+    """Greedy, in source order: start a new shard when the next tensor (with its scale) would not fit.
+
+    A single tensor larger than the limit gets a shard of its own, as diffusers does.
+    """
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = sum(o.nbytes for o in t.outputs)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    return shards
+
+
+def write_shards(
+    plan: Plan,
+    folder: Path,
+    *,
+    max_shard_size: int,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
+) -> tuple[dict[str, FileRecord], dict[str, str]]:
+    """Write every shard of ``plan`` into ``folder``; return file records and the weight map.
+
+    The calling thread maps and quantizes; a writer thread writes and each shard hashes itself in
+    a third, so the arithmetic, the disk and SHA-256 overlap. ``on_tensor`` is called after each source tensor (progress bars).
+    """
+    groups = assign_shards(plan.tensors, max_shard_size)
+    records: dict[str, FileRecord] = {}
+    weight_map: dict[str, str] = {}
+    largest = max((math.prod(t.source.shape) for t in plan.tensors if t.scheme != KEPT), default=0)
+    pool = _BufferPool(largest, count=_POOL_BUFFERS)
+    # Items: (writer, name, tensor, on_done) to write, (writer, "", None, None) to close that
+    # shard, None to stop.
+    work: queue.Queue[tuple[ShardWriter, str, torch.Tensor | None, Callable[[], None] | None] | None]
+    work = queue.Queue(_QUEUE_DEPTH)
+    failure: list[BaseException] = []
+
+    def drain() -> None:
+        while (item := work.get()) is not None:
+            writer, name, tensor, on_done = item
+            try:
+                if failure:
+                    continue  # keep draining so the producer never blocks on a dead consumer
+                if tensor is None:
+                    records[writer.path.name] = FileRecord(writer.size, writer.close())
+                else:
+                    writer.write(name, tensor, on_done=on_done)
+                    on_done = None  # the writer's hasher calls it
+            except BaseException as e:  # re-raised in the calling thread
+                failure.append(e)
+            finally:
+                if on_done is not None:
+                    on_done()
+
+    thread = threading.Thread(target=drain, name="omni-fp8-writer", daemon=True)
+    thread.start()
+    writers: list[ShardWriter] = []
+    torch_threads = torch.get_num_threads()
+    # Leave a core to the writer and hasher threads: on 2 cores, two torch threads fighting them
+    # for the CPU made the whole conversion slower (measured in bench/RESULTS.md).
+    torch.set_num_threads(max(1, min(torch_threads, (os.cpu_count() or 2) - 1)))
+    try:
+        with plan.source.open_reader() as reader:
+            for i, group in enumerate(groups, 1):
+                filename = shard_filename(i, len(groups))
+                writer = ShardWriter(folder / filename, [(o.name, o.dtype, o.shape) for t in group for o in t.outputs])
+                writers.append(writer)
+                for t in group:
+                    for name, tensor, on_done in _convert_tensor(t, reader.read(t.source), pool):
+                        if failure:
+                            raise failure[0]
+                        work.put((writer, name, tensor, on_done))
+                        weight_map[name] = filename
+                    if on_tensor is not None:
+                        on_tensor(t)
+                work.put((writer, "", None, None))
+    finally:
+        torch.set_num_threads(torch_threads)
+        work.put(None)
+        thread.join()
+        for w in writers:
+            w.abort()
+    if failure:
+        raise failure[0]
+    return records, weight_map
+
+
+class _BufferPool:
+    """A few reusable buffers for quantized weights.
+
+    A fresh 50 MB allocation per weight costs the kernel a page fault and a zeroed page for every
+    4 KiB of it (measured: as much system time as the arithmetic takes); these buffers are
+    faulted in once and cycle between the quantizer, the writer and the hasher. Their number also
+    bounds how many finished weights can wait for the disk.
+    """
+
+    def __init__(self, elements: int, *, count: int) -> None:
+        self._elements = elements
+        self._free: queue.Queue[torch.Tensor | None] = queue.Queue()
+        for _ in range(count):
+            self._free.put(None)  # allocated on first use
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, Callable[[], None]]:
+        """An FP8 tensor of ``shape`` on a pooled buffer, and the callback that gives it back."""
+        buf = self._free.get()
+        if buf is None:
+            buf = torch.empty(self._elements, dtype=FP8_DTYPE)
+        return buf[: math.prod(shape)].view(shape), functools.partial(self._free.put, buf)
+
+
+def _convert_tensor(
+    t: TensorPlan, tensor: torch.Tensor, pool: _BufferPool
+) -> Iterator[tuple[str, torch.Tensor, Callable[[], None] | None]]:
+    if t.scheme == KEPT:
+        out_dtype = t.outputs[0].dtype
+        yield t.name, tensor if tensor.dtype == out_dtype else tensor.to(out_dtype), None
+        return
+    out, give_back = pool.take(t.source.shape)
+    try:
+        q, scale = quantize_weight(tensor, t.block_size, name=t.name, out=out)
+    except BaseException:
+        give_back()
+        raise
+    yield t.name, q, give_back
+    yield t.scale_name, scale, None
+
+
+def write_json(path: Path, value: Any) -> FileRecord:
+    """Write JSON the way diffusers does (indented, sorted keys, trailing newline), atomically."""
+    data = (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return FileRecord(len(data), hashlib.sha256(data).hexdigest())
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> FileRecord:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    return write_json(folder / INDEX_NAME, index)
+
+
+def hash_file(path: Path) -> FileRecord:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return FileRecord(size, sha.hexdigest())
+
+
+def carry_over(src: Path, dst: Path) -> str:
+    """Hard-link ``src`` to ``dst``, or copy it where links fail; return ``"link"`` or ``"copy"``.
+
+    A hard link costs no space and shares the source's bytes, which nothing here ever writes to.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+        return "link"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+@contextmanager
+def staging_folder(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``out``; removed again unless the caller publishes it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
+    staging = out.parent / f".{out.name}{_STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    (staging / _OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output(out: Path, source_root: Path, *, force: bool) -> None:
+    """Refuse an output that exists (without ``force``) or overlaps the source."""
+    out_r, src_r = out.resolve(), source_root.resolve()
+    if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
+        raise OutputExistsError(
+            f"{out}: the output overlaps the source {source_root}; choose a folder outside it.", path=out
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to replace it.", path=out)
+    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
+        raise OutputExistsError(
+            f"{out}: exists and is not an omni-fp8 output (no {MANIFEST_NAME}); --force only replaces "
+            "earlier outputs. Remove it yourself or choose another folder.",
+            path=out,
+        )
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move the finished staging folder to ``out``, replacing an earlier output if there is one."""
+    (staging / _OWNER_FILE).unlink(missing_ok=True)
+    if out.exists():
+        old = out.parent / f".{out.name}.omni-fp8-replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Delete staging folders of earlier runs for ``out`` that were killed on this host."""
+    host = socket.gethostname()
+    for candidate in out.parent.glob(f".{out.name}{_STAGING_MARK}*"):
+        try:
+            owner = json.loads((candidate / _OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", -1))):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,146 @@
+"""``Fp8Linear``: a drop-in ``nn.Linear`` whose weight is stored in FP8.
+
+It holds what a converted checkpoint holds, under the same names, so ``state_dict()`` round-trips
+with the files: ``weight`` (float8_e4m3fn ``[out, in]``), ``weight_scale`` (float32 scalar) or
+``weight_scale_inv`` (float32 block grid), and ``bias`` in the compute dtype. The matmul is
+``kernels.fp8_linear``.
+
+    >>> layer = Fp8Linear.from_linear(torch.nn.Linear(64, 32))
+    >>> layer
+    Fp8Linear(in_features=64, out_features=32, bias=True, scheme=fp8_tensor)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omni_fp8.converter.errors import ConfigError
+from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, dequantize_weight, quantize_weight
+
+from .kernels import device_has_fp8, fp8_linear
+
+__all__ = ["Fp8Linear"]
+
+
+class Fp8Linear(nn.Module):
+    """``y = x @ (q * s).T + b`` with FP8 ``q``; activations are quantized per token on the fly.
+
+    Args:
+        block_size: ``None`` for one weight scale (``weight_scale``), ``(bn, bk)`` for one per
+            block (``weight_scale_inv``).
+        dtype: dtype of the bias (the compute dtype); the output takes the input's dtype.
+        force_fp8_gemm: Refuse to run on a device without FP8 matmuls instead of emulating them.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        block_size: tuple[int, int] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        force_fp8_gemm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = tuple(block_size) if block_size is not None else None
+        self.force_fp8_gemm = force_fp8_gemm
+        # The bias goes first: diffusers reports a model's dtype as its first floating parameter's,
+        # and that should be the compute dtype, not float8.
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
+        if self.block_size is None:
+            self.weight_scale = nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False)
+        else:
+            grid = block_scale_shape((out_features, in_features), self.block_size)
+            self.weight_scale_inv = nn.Parameter(torch.ones(grid, dtype=torch.float32, device=device), requires_grad=False)
+        self._place()
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, block_size: tuple[int, int] | None = None, *, force_fp8_gemm: bool = False
+    ) -> Fp8Linear:
+        """Quantize an existing ``nn.Linear`` with the converter's numerics."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            block_size=block_size,
+            device="meta",
+            dtype=linear.bias.dtype if linear.bias is not None else linear.weight.dtype,
+            force_fp8_gemm=force_fp8_gemm,
+        )
+        q, scale = quantize_weight(linear.weight.detach(), block_size)
+        layer.load_quantized(q, scale, None if linear.bias is None else linear.bias.detach())
+        return layer
+
+    def load_quantized(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Adopt already-quantized tensors (same shapes as ``self``'s), e.g. fresh from a shard."""
+        expected = (self.weight.shape, self.scale.shape, None if self.bias is None else self.bias.shape)
+        got = (weight.shape, scale.shape, None if bias is None else bias.shape)
+        if weight.dtype != FP8_DTYPE or got[:2] != expected[:2] or (bias is not None and got[2] != expected[2]):
+            raise ValueError(f"Fp8Linear({self.extra_repr()}) cannot take {weight.dtype} tensors of shapes {got}")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        setattr(self, self.scale_name, nn.Parameter(scale.to(torch.float32), requires_grad=False))
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        self._place()
+
+    @property
+    def scheme(self) -> str:
+        return "fp8_tensor" if self.block_size is None else "fp8_block"
+
+    @property
+    def scale_name(self) -> str:
+        return "weight_scale" if self.block_size is None else "weight_scale_inv"
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return getattr(self, self.scale_name)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.scale, self.block_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, use_fp8_gemm=self._fp8_gemm)
+
+    def extra_repr(self) -> str:
+        block = f"{self.block_size[0]}x{self.block_size[1]}" if self.block_size else None
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"scheme={self.scheme}" + (f", block_size={block}" if block else "")
+        )
+
+    def _place(self) -> None:
+        """Decide the kernel for the device the weight is on (once, not per forward)."""
+        device = self.weight.device
+        self._fp8_gemm = device.type != "meta" and device_has_fp8(device)
+        if self.force_fp8_gemm and device.type != "meta" and not self._fp8_gemm:
+            raise ConfigError(
+                f"force_fp8_kernels: {device} has no FP8 matmul (needs a CUDA GPU of compute capability "
+                ">= 8.9: Ada, Hopper or newer); drop force_fp8_kernels to run the emulated path."
+            )
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """Let ``.to(device)`` move the FP8 weight and scales, but never let ``.to(dtype)`` cast them.
+
+        ``Module.to(torch.bfloat16)`` casts every floating tensor, FP8 ones included; here only the
+        bias follows a dtype change, the weight stays FP8 and the scales float32.
+        """
+        target = fn(torch.empty(0, device=self.weight.device))
+        for name in ("weight", self.scale_name):
+            param = getattr(self, name)
+            setattr(self, name, nn.Parameter(param.data.to(target.device), requires_grad=False))
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.data), requires_grad=False)
+        self._place()
+        return self

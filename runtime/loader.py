@@ -1,0 +1,329 @@
+"""``load_transformer``: a diffusers transformer with FP8 ``Fp8Linear`` layers, from either source.
+
+* A folder ``omni-convert`` (or another tool writing vLLM's fp8 format) produced: nothing is
+  re-quantized; each tensor is memory-mapped (one at a time, as the converter reads) and goes to
+  its device once.
+* A BF16/FP16/FP32 folder with ``quantization="fp8"``: the converter's plan and numerics run
+  while loading, one tensor at a time, so peak memory is about the FP8 model plus one source
+  tensor, never the high-precision model.
+
+Both give the same bits for the same source and options.
+
+    >>> from omni_fp8 import load_transformer
+    >>> t = load_transformer("./Qwen-Image", subfolder="transformer", quantization="fp8",
+    ...                      quantization_config={"ignored_layers": ["img_mlp"]}, device="cuda")  # doctest: +SKIP
+    >>> t = load_transformer("./Qwen-Image-fp8", subfolder="transformer", device="cuda")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from omni_fp8.converter.errors import ConfigError, ModelMismatchError, UnsupportedSourceError
+from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, quantize_weight
+from omni_fp8.converter.options import Fp8Config, parse_block_size
+from omni_fp8.converter.plan import KEPT, dtype_read_linears, empty_model, linear_shapes, make_plan, plan_linears
+from omni_fp8.converter.presets import resolve_preset
+from omni_fp8.converter.source import Source, open_source
+
+from .fp8_linear import Fp8Linear
+from .kernels import device_has_fp8
+
+__all__ = ["load_transformer", "QUANTIZATIONS"]
+
+QUANTIZATIONS = ("fp8",)
+
+
+def load_transformer(
+    pretrained: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    quantization: str | None = None,
+    quantization_config: Fp8Config | Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    force_fp8_kernels: bool = False,
+    progress: bool = True,
+    torch_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load a diffusers transformer with FP8 weights.
+
+    Args:
+        pretrained: A pipeline folder or a transformer folder (high precision or converted).
+        subfolder: The transformer's folder inside ``pretrained`` (``"transformer"``); by default
+            ``transformer/`` of a pipeline folder, or ``pretrained`` itself.
+        quantization: ``"fp8"`` quantizes a high-precision checkpoint while loading. A converted
+            folder loads as FP8 either way; ``None`` on a high-precision folder loads it as is.
+        quantization_config: ``Fp8Config`` or dict (``ignored_layers``, ``weight_block_size``,
+            ``activation_scheme``, ``preset``), validated exactly as ``omni-convert`` does. Given
+            for a converted folder, it must describe that folder's conversion.
+        device: Where the weights go; each tensor is moved there once.
+        dtype: dtype of the tensors that stay high precision (default: the checkpoint's); FP8
+            weights and their float32 scales keep theirs.
+        force_fp8_kernels: Fail unless ``device`` has FP8 matmuls, instead of emulating them.
+        progress: Show a progress bar.
+        torch_dtype: The older diffusers name of ``dtype``.
+
+    Returns:
+        The ordinary diffusers model class, eligible ``nn.Linear`` layers replaced by
+        ``Fp8Linear``, in eval mode: pipelines accept it as their ``transformer``.
+    """
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ConfigError(f"unknown quantization {quantization!r}; supported: 'fp8' (or None).")
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give dtype only.")
+        dtype = torch_dtype
+    explicit = None if quantization_config is None else Fp8Config.coerce(quantization_config)
+    device = torch.device(device)
+    if force_fp8_kernels and not device_has_fp8(device):
+        raise ConfigError(
+            f"force_fp8_kernels: {device} has no FP8 matmul (needs a CUDA GPU of compute capability >= 8.9: "
+            "Ada, Hopper or newer); drop force_fp8_kernels to run the emulated path."
+        )
+    source = open_source(pretrained, subfolder=subfolder, allow_quantized=True)
+    model = empty_model(source.class_name, source.config)
+    folder_config = source.config.get("quantization_config")
+    if folder_config is not None:
+        _load_converted(model, source, folder_config, explicit, device, dtype, force_fp8_kernels, progress)
+    elif quantization is not None or explicit is not None:
+        _load_quantizing(model, source, explicit or Fp8Config(), device, dtype, force_fp8_kernels, progress)
+    else:
+        _load_plain(model, source, device, dtype, progress)
+    _check_complete(model, source)
+    return model.to(device).eval()
+
+
+def _load_quantizing(
+    model: nn.Module, source: Source, config: Fp8Config, device: torch.device, dtype: torch.dtype | None,
+    force: bool, progress: bool,
+) -> None:
+    """The converter's plan and numerics, applied tensor by tensor into the model."""
+    plan = make_plan(source, config, dtype=dtype, model=model)
+    _swap_linears(model, {n: d.scheme for n, d in plan.linears.items()}, config.weight_block_size, force)
+    plans = {t.name: t for t in plan.tensors}
+
+    def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        t = plans[name]
+        if t.scheme == KEPT:
+            yield name, _owned(tensor, device, t.outputs[0].dtype)
+            return
+        q, scale = quantize_weight(tensor, t.block_size, name=name)
+        yield name, q.to(device)
+        yield t.scale_name, scale.to(device)
+
+    _stream(model, source, place, progress)
+
+
+def _load_converted(
+    model: nn.Module, source: Source, folder_config: Mapping[str, Any], explicit: Fp8Config | None,
+    device: torch.device, dtype: torch.dtype | None, force: bool, progress: bool,
+) -> None:
+    """Memory-map an FP8 folder (ours or any vLLM-style one) into ``Fp8Linear`` modules."""
+    where = source.model_dir / "config.json"
+    if folder_config.get("quant_method") != "fp8":
+        raise UnsupportedSourceError(
+            f"{where}: quantized with {folder_config.get('quant_method')!r}, not fp8; omni-fp8 loads fp8 checkpoints.",
+            path=where,
+        )
+    if folder_config.get("activation_scheme", "dynamic") != "dynamic":
+        raise UnsupportedSourceError(
+            f"{where}: activation_scheme {folder_config.get('activation_scheme')!r} (static input scales) "
+            "is not supported; convert with dynamic activations.",
+            path=where,
+        )
+    _check_manifest(source, folder_config)
+    raw_block = folder_config.get("weight_block_size")
+    block = parse_block_size(raw_block) if raw_block else None
+    infos = {t.name: t for t in source.tensors}
+    shapes = linear_shapes(model)
+    schemes = _folder_schemes(shapes, infos, block, source)
+    if explicit is not None:
+        _check_agrees(explicit, schemes, block, model, source)
+    _swap_linears(model, schemes, block, force)
+
+    def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if name.endswith("weight_scale"):
+            yield name, _owned(tensor.reshape(()), device, None)  # some writers store the scalar as [1]
+        elif name.endswith("weight_scale_inv") or tensor.dtype == FP8_DTYPE:
+            yield name, _owned(tensor, device, None)
+        else:
+            yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None)
+
+    _stream(model, source, place, progress)
+
+
+def _check_manifest(source: Source, folder_config: Mapping[str, Any]) -> None:
+    """An omni-fp8 folder's config.json must still say what its manifest recorded."""
+    from omni_fp8.converter.manifest import read_manifest
+    from omni_fp8.converter.source import MANIFEST_NAME
+
+    for folder in (source.model_dir, source.root):
+        if (folder / MANIFEST_NAME).is_file():
+            manifest = read_manifest(folder)
+            if manifest["quantization_config"] != dict(folder_config):
+                raise ModelMismatchError(
+                    f"{source.model_dir / 'config.json'}: quantization_config differs from {folder / MANIFEST_NAME}; "
+                    "the folder was edited after conversion. Run omni-convert verify, or convert again.",
+                    path=source.model_dir,
+                )
+            return
+
+
+def _folder_schemes(
+    shapes: Mapping[str, tuple[int, int]], infos: Mapping[str, Any], block: tuple[int, int] | None, source: Source
+) -> dict[str, str]:
+    """Which Linears a converted folder holds in FP8, checking each one's scale."""
+    schemes = {}
+    for module, (n, k) in shapes.items():
+        weight = infos.get(f"{module}.weight")
+        if weight is None or weight.dtype != "F8_E4M3":
+            schemes[module] = KEPT
+            continue
+        scale_name, want = (
+            (f"{module}.weight_scale", ()) if block is None else (f"{module}.weight_scale_inv", block_scale_shape((n, k), block))
+        )
+        scale = infos.get(scale_name)
+        if scale is None:
+            other = f"{module}.weight_scale_inv" if block is None else f"{module}.weight_scale"
+            hint = (
+                f" (it has {other.rsplit('.', 1)[1]}: config.json's weight_block_size does not match the shards)"
+                if other in infos
+                else ""
+            )
+            raise ModelMismatchError(
+                f"{source.model_dir}: {module}.weight is FP8 but {scale_name} is missing{hint}; the checkpoint "
+                "is incomplete or damaged, convert it again.",
+                path=source.model_dir,
+            )
+        if scale.dtype != "F32" or tuple(scale.shape) not in (want, (1,) if want == () else want):
+            raise ModelMismatchError(
+                f"{scale.file}: {scale_name} is {scale.dtype}{list(scale.shape)}, expected F32{list(want)} for a "
+                f"[{n}, {k}] weight; the checkpoint is damaged or was written with other block sizes.",
+                path=scale.file,
+            )
+        schemes[module] = "fp8_tensor" if block is None else "fp8_block"
+    return schemes
+
+
+def _check_agrees(
+    explicit: Fp8Config, schemes: Mapping[str, str], block: tuple[int, int] | None, model: nn.Module, source: Source
+) -> None:
+    """An explicit config must describe the folder's conversion, or it would silently not apply."""
+    where = source.model_dir
+    if explicit.weight_block_size != block:
+        raise ConfigError(
+            f"{where}: quantization_config asks for weight_block_size {explicit.weight_block_size} but the folder "
+            f"was converted with {block}; omit quantization_config to load it as converted, or convert again."
+        )
+    shapes = linear_shapes(model)
+    preset = resolve_preset(explicit.preset, source.class_name)
+    patterns = (*(preset.ignored_layers if preset else ()), *explicit.ignored_layers)
+    wanted = plan_linears(shapes, explicit, patterns, class_name=source.class_name, dtype_read=dtype_read_linears(model))
+    differ = [m for m, d in wanted.items() if (d.scheme == KEPT) != (schemes[m] == KEPT)]
+    if differ:
+        first = differ[0]
+        state = "keeps" if schemes[first] == KEPT else "quantizes"
+        raise ConfigError(
+            f"{where}: quantization_config disagrees with the converted folder on {len(differ)} layer(s): the folder "
+            f"{state} {first}; omit quantization_config to load it as converted, or convert again with these options."
+        )
+
+
+def _load_plain(
+    model: nn.Module, source: Source, device: torch.device, dtype: torch.dtype | None, progress: bool
+) -> None:
+    def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None)
+
+    _stream(model, source, place, progress)
+
+
+def _stream(
+    model: nn.Module,
+    source: Source,
+    place: Callable[[str, torch.Tensor], Iterator[tuple[str, torch.Tensor]]],
+    progress: bool,
+) -> None:
+    """Map each checkpoint tensor in file order, turn it into model tensors, put them in place."""
+    with source.open_reader() as reader, _bar(source.data_bytes, progress) as bar:
+        for info in source.tensors:
+            for name, tensor in place(info.name, reader.read(info)):
+                _assign(model, name, tensor)
+            bar.update(info.nbytes)
+
+
+def _owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """A fresh copy on ``device``: never a view of the read-only file map.
+
+    Fresh allocations are also aligned, and CPU matmuls can round differently on unaligned
+    operands, so both load paths give the same bits.
+    """
+    return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+
+
+def _swap_linears(
+    model: nn.Module, schemes: Mapping[str, str], block: tuple[int, int] | None, force: bool
+) -> None:
+    """Replace every Linear marked for FP8 with an empty (meta) ``Fp8Linear`` of the same shape."""
+    for name, scheme in schemes.items():
+        if scheme == KEPT:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        layer = Fp8Linear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, block_size=block,
+            device="meta", dtype=linear.weight.dtype, force_fp8_gemm=force,
+        )
+        setattr(parent, child, layer)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put one checkpoint tensor in place of the meta tensor it stands for."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is None or (attr not in module._parameters and attr not in module._buffers):
+        raise ModelMismatchError(
+            f"the checkpoint has {name!r}, which {type(model).__name__} built from config.json does not; "
+            "the config does not match the weights."
+        )
+    if attr in module._buffers:
+        module._buffers[attr] = tensor
+        return
+    old = module._parameters[attr]
+    if old is not None and tuple(old.shape) != tuple(tensor.shape):
+        raise ModelMismatchError(
+            f"{name} has shape {list(tensor.shape)} in the checkpoint but {list(old.shape)} in "
+            f"{type(model).__name__} built from config.json; the config does not match the weights."
+        )
+    requires_grad = bool(old is not None and old.requires_grad and tensor.is_floating_point() and tensor.dtype != FP8_DTYPE)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad)
+
+
+def _check_complete(model: nn.Module, source: Source) -> None:
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    missing += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if missing:
+        raise ModelMismatchError(
+            f"{source.model_dir}: the checkpoint lacks {len(missing)} tensor(s) of {source.class_name} "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); it is incomplete or for another config.",
+            path=source.model_dir,
+        )
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module._place()
+
+
+def _bar(total: int, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, desc="Loading", disable=not progress)
