@@ -32,7 +32,7 @@ __all__ = [
     "quantize_per_tensor",
     "quantize_blockwise",
     "dequantize_weight",
-    "quantize_activation_per_token",
+    "quantize_activation",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -135,18 +135,27 @@ def dequantize_weight(
     return out.to(dtype)
 
 
-def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic activation quantization, one scale per token (row): ``(q, scale)``.
+def quantize_activation(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization: one scale per token (row), or per ``group_size`` columns.
 
-    The weight rule applied along the last dim: ``s = amax(|x_row|) / 448`` in float32 (1 for an
-    all-zero row), ``q = RNE(clamp(x_fp32 / s))``. ``scale`` has shape ``[..., 1]``. Written as plain
-    tensor ops so ``torch.compile`` fuses it and every device computes the same bits.
+    The weight rule along the last dim: ``s = amax(|x|) / 448`` in float32 (1 for an all-zero
+    row or group), ``q = RNE(clamp(x_fp32 / s))``. Returns ``q`` (shape of ``x``) and the scales,
+    ``[..., 1]`` per token or ``[..., ceil(K / group_size)]`` per group (the last one partial). Block-scaled weights pair with
+    per-group activations (groups of the weight's block width), as DeepSeek-style FP8 GEMMs do.
+    Plain tensor ops: ``torch.compile`` fuses them into the op that produced ``x``, and every
+    device computes the same bits.
     """
     x32 = x.to(torch.float32)
+    k = x.shape[-1]
+    if group_size is not None:  # [..., G, group]; a partial last group is padded with zeros
+        groups = -(-k // group_size)
+        x32 = torch.nn.functional.pad(x32, (0, groups * group_size - k)).unflatten(-1, (groups, group_size))
     amax = x32.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
     q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q, scale
+    if group_size is None:
+        return q, scale
+    return q.flatten(-2)[..., :k], scale.squeeze(-1)
 
 
 def _check_weight(weight: torch.Tensor, name: str) -> None:

@@ -1,11 +1,13 @@
 """The runtime: diffusers transformers with ``Fp8Linear`` layers, loaded from either kind of folder.
 
-``loader`` (``load_transformer``), ``fp8_linear`` (the module), ``kernels`` (the one matmul
-dispatch: ``torch._scaled_mm`` on FP8 GPUs, an exact float32 emulation elsewhere).
+``loader`` (``load_transformer``), ``quantize`` (``quantize_`` for a model in memory),
+``fp8_linear`` (the module), ``kernels`` (the one matmul dispatch: cuBLASLt FP8 GEMMs on FP8
+GPUs, an exact float32 emulation elsewhere), ``triton_quant`` (activation quantization kernel).
 """
 
 from .fp8_linear import Fp8Linear
 from .kernels import device_has_fp8
 from .loader import load_transformer
+from .quantize import quantize_
 
-__all__ = ["Fp8Linear", "load_transformer", "device_has_fp8"]
+__all__ = ["Fp8Linear", "load_transformer", "quantize_", "device_has_fp8"]

@@ -18,7 +18,7 @@ from torch import nn
 from omni_fp8.converter.errors import ConfigError
 from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, dequantize_weight, quantize_weight
 
-from .kernels import device_has_fp8, fp8_linear
+from .kernels import fp8_linear, gemm_plan
 
 __all__ = ["Fp8Linear"]
 
@@ -55,6 +55,7 @@ class Fp8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.register_load_state_dict_post_hook(Fp8Linear._place)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
         )
@@ -111,7 +112,7 @@ class Fp8Linear(nn.Module):
         return dequantize_weight(self.weight, self.scale, self.block_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, use_fp8_gemm=self._fp8_gemm)
+        return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, self._gemm_fn, self.gemm_scale)
 
     def extra_repr(self) -> str:
         block = f"{self.block_size[0]}x{self.block_size[1]}" if self.block_size else None
@@ -120,14 +121,20 @@ class Fp8Linear(nn.Module):
             f"scheme={self.scheme}" + (f", block_size={block}" if block else "")
         )
 
-    def _place(self) -> None:
-        """Decide the kernel for the device the weight is on (once, not per forward)."""
+    def _place(self, *_: object) -> None:
+        """Decide the kernel for the device the weight is on: once, when placed or loaded."""
         device = self.weight.device
-        self._fp8_gemm = device.type != "meta" and device_has_fp8(device)
-        if self.force_fp8_gemm and device.type != "meta" and not self._fp8_gemm:
+        plan = None if device.type == "meta" else gemm_plan(self.weight, self.scale, self.block_size)
+        # The GEMM's scale layout is a buffer (not saved), so torch.compile treats it as an input
+        # like the weight and one compiled block serves every block; a plain tensor attribute
+        # would be guarded per module and recompile for each.
+        self._gemm_fn = None if plan is None else plan[0]
+        self.register_buffer("gemm_scale", None if plan is None else plan[1], persistent=False)
+        if self.force_fp8_gemm and device.type != "meta" and plan is None:
             raise ConfigError(
-                f"force_fp8_kernels: {device} has no FP8 matmul (needs a CUDA GPU of compute capability "
-                ">= 8.9: Ada, Hopper or newer); drop force_fp8_kernels to run the emulated path."
+                f"force_fp8_kernels: {device} has no FP8 matmul for {self.scheme} weights (needs a CUDA GPU "
+                "of compute capability >= 8.9, and Hopper with 128x128 blocks for block scales); drop "
+                "force_fp8_kernels to run the emulated path."
             )
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]

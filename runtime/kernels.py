@@ -1,34 +1,104 @@
 """The FP8 matmul behind ``Fp8Linear``: one dispatch, so a faster kernel can be swapped in here alone.
 
-* ``fp8_tensor`` weights on a CUDA GPU with FP8 tensor cores (compute capability >= 8.9: Ada,
-  Hopper, Blackwell) and BF16 activations: activations are quantized per token and
-  ``torch._scaled_mm`` multiplies FP8 x FP8 with row-wise scales, accumulating in float32.
-* everywhere else (CPU, older GPUs, block-scaled weights for now): the same computation emulated
-  in float32: the activations are quantized and dequantized with the same numerics, the weight is
-  dequantized, and a float32 matmul follows. The result matches the FP8 GEMM up to summation
-  order, so quality measured on a CPU is the quality a Hopper GPU delivers.
+* On a CUDA GPU with FP8 tensor cores (compute capability >= 8.9) and BF16 activations:
+  activations are quantized per token (one Triton kernel in eager mode, fused by Inductor under
+  ``torch.compile``) and cuBLASLt multiplies FP8 x FP8 in float32 with the scales applied in its
+  epilogue: row-wise scales for per-tensor weights, DeepSeek-style 1x128 / 128x128 block scales
+  for 128x128 block weights (Hopper). Which GEMM a device supports is found by a tiny probe
+  multiplication, once per device.
+* Everywhere else (CPU, older GPUs, other block sizes): the same computation emulated in float32:
+  activations quantized and dequantized with the same numerics, the weight dequantized, a float32
+  matmul. It matches the FP8 GEMM up to summation order, so quality measured on a CPU is the
+  quality a Hopper GPU delivers.
+
+Per-tensor weights pair with per-token activation scales; block weights ``(bn, bk)`` with
+per-token, per-``bk``-column-group activation scales.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
-from omni_fp8.converter.numerics import dequantize_weight, quantize_activation_per_token
+from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_activation
 
-__all__ = ["fp8_linear", "device_has_fp8", "FP8_MIN_CAPABILITY"]
+from .triton_quant import HAVE_TRITON, quantize_activation_cuda
+
+__all__ = ["fp8_linear", "device_has_fp8", "gemm_plan", "FP8_MIN_CAPABILITY", "CUBLAS_BLOCK"]
 
 FP8_MIN_CAPABILITY = (8, 9)
+CUBLAS_BLOCK = (128, 128)  # the only block shape cuBLASLt's block-scaled FP8 GEMM takes
 
 
 @functools.lru_cache(maxsize=None)
 def device_has_fp8(device: torch.device | str) -> bool:
-    """Whether ``device`` has FP8 matmuls ``torch._scaled_mm`` can use."""
+    """Whether ``device`` runs FP8 x FP8 GEMMs with row-wise scales (probed once)."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+    if torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
+        return False
+    return _probe(device, None) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(device: torch.device, block_size: tuple[int, int] | None) -> Callable | None:
+    """The GEMM that works on ``device`` for this weight scheme, tried on a tiny problem.
+
+    Activations are quantized with the reference numerics here, so the probe judges the GEMM
+    alone (the Triton kernel has tests of its own).
+    """
+    m, n, k = 16, 256, 256
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device=device) / 16).to(FP8_DTYPE)
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+    scale = torch.ones((n // 128, k // 128) if block_size else (), device=device)
+    group = None if block_size is None else block_size[1]
+    xq, xs = quantize_activation(x, group)
+    if group is not None:
+        xs = xs.t().contiguous().t()
+    expected = x.float() @ w.float().t() + bias.float()
+    candidates = [_rowwise_mm] if block_size is None else [
+        _blockwise_v2, _blockwise_v1, _bias_after(_blockwise_v2), _bias_after(_blockwise_v1)]
+    for mm in candidates:
+        try:
+            y = mm(xq, xs, w, _weight_scale_for_gemm(scale, n, block_size), bias)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError, ImportError, StopIteration):
+            continue
+        if torch.isfinite(y).all() and (y.float() - expected).norm() < 0.1 * expected.norm():
+            return mm
+    return None
+
+
+def gemm_plan(
+    weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None
+) -> tuple[Callable, torch.Tensor] | None:
+    """The FP8 GEMM for this weight and its scale in the layout that GEMM wants, or ``None``.
+
+    Decided once, when a layer is placed on its device: the forward only calls what this returns
+    (nothing to look up per call, nothing for ``torch.compile`` to trace through).
+    """
+    if weight.device.type != "cuda" or not device_has_fp8(weight.device):
+        return None
+    n, k = weight.shape
+    if block_size is None:
+        return _rowwise_mm, _weight_scale_for_gemm(scale, n, None)
+    if tuple(block_size) != CUBLAS_BLOCK or n % 128 or k % 128:
+        return None
+    if _probe(weight.device, CUBLAS_BLOCK) is None:
+        return None
+    return _blockwise_mm, _weight_scale_for_gemm(scale, n, block_size)
+
+
+def _weight_scale_for_gemm(scale: torch.Tensor, n: int, block_size: tuple[int, int] | None) -> torch.Tensor:
+    if block_size is None:
+        return scale.reshape(1, 1).expand(1, n).contiguous()  # row-wise: one scale per output
+    grid_n, grid_k = scale.shape
+    padded_k = -(-grid_k // 4) * 4
+    # [ceil(K/128) rounded up to 4, ceil(N/128)], column-major, as cuBLASLt's 128x128 recipe wants.
+    return torch.nn.functional.pad(scale, (0, padded_k - grid_k)).contiguous().t()
 
 
 def fp8_linear(
@@ -37,40 +107,142 @@ def fp8_linear(
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     block_size: tuple[int, int] | None,
-    *,
-    use_fp8_gemm: bool,
+    mm: Callable | None,
+    gemm_scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``x @ dequant(weight).T + bias`` with dynamic per-token FP8 activations; output in ``x.dtype``.
+    """``x @ dequant(weight).T + bias`` with dynamic FP8 activations; output in ``x.dtype``.
 
-    ``use_fp8_gemm`` is decided once, when the module is placed on its device, not per call.
+    ``mm`` and ``gemm_scale`` (from ``gemm_plan``) are the FP8 GEMM and its weight scale;
+    ``None`` means emulate.
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if use_fp8_gemm and block_size is None and x.dtype == torch.bfloat16:
-        y = _scaled_mm_rowwise(x2, weight, scale, bias)
+    group = None if block_size is None else block_size[1]
+    if mm is not None and x.dtype == torch.bfloat16:
+        xq, xs = _shared_quantize(x, x2, group)
+        y = mm(xq, xs, weight, gemm_scale, bias)
+        if y.shape[0] != x2.shape[0]:
+            y = y[: x2.shape[0]]  # rows the block-scaled GEMM needed as padding
     else:
         y = _emulated(x2, weight, scale, bias, block_size)
     return y.reshape(*shape[:-1], weight.shape[0])
 
 
-def _scaled_mm_rowwise(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    xq, x_scale = quantize_activation_per_token(x)
-    w_scale = scale.reshape(1, 1).expand(1, weight.shape[0]).contiguous()
+# Sibling projections (to_q, to_k, to_v) read the same activation: quantize it once. The entry
+# keeps the input alive, so its memory cannot be reused by another tensor while it is cached.
+_last_quantized: list[tuple] = []
+
+
+def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        return _quantize_for_gemm(x2, group)  # Inductor fuses this into the producer; CSE shares it
+    if _last_quantized:
+        cached_x, version, cached_group, q, s = _last_quantized[0]
+        if cached_x is x and version == x._version and cached_group == group:
+            return q, s
+    q, s = _quantize_for_gemm(x2, group)
+    _last_quantized[:] = [(x, x._version, group, q, s)]
+    return q, s
+
+
+def _quantize_for_gemm(x2: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if HAVE_TRITON and x2.is_cuda and not torch.compiler.is_compiling():
+        return quantize_activation_cuda(x2, group or 0, 1 if group is None else _BLOCK_ROWS)
+    q, s = quantize_activation(x2, group)
+    if group is not None:
+        s = s.t().contiguous().t()  # column-major [M, K/128], as the block-scaled GEMM wants
+    return q, s
+
+
+def _rowwise_mm(xq, xs, weight, gemm_scale, bias):
     return torch._scaled_mm(
         xq,
         weight.t(),  # column-major view of the row-major [N, K] weight, as cuBLASLt wants
-        scale_a=x_scale,
-        scale_b=w_scale,
+        scale_a=xs,
+        scale_b=gemm_scale,
         bias=None if bias is None else bias.to(torch.bfloat16),
         out_dtype=torch.bfloat16,
     )
 
 
+def _blockwise_mm(xq, xs, weight, gemm_scale, bias):
+    if torch.compiler.is_compiling():
+        return torch.ops.omni_fp8.scaled_mm_blockwise(xq, xs, weight, gemm_scale, bias)
+    # Eager: the probed GEMM directly (rows already padded by the quantizer); going through the
+    # custom op's dispatcher would add its cost to every Linear's host time.
+    return _probe(xq.device, CUBLAS_BLOCK)(xq, xs, weight, gemm_scale, bias)
+
+
+def _blockwise_v1(xq, xs, weight, gemm_scale, bias):
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=gemm_scale, bias=bias, out_dtype=torch.bfloat16)
+
+
+def _blockwise_v2(xq, xs, weight, gemm_scale, bias):
+    # torch._scaled_mm_v2 directly: the torch.nn.functional.scaled_mm wrapper around it costs
+    # about as much host time again, on every call.
+    return torch._scaled_mm_v2(xq, weight.t(), [xs], [_RECIPE_1x128], [], [gemm_scale], [_RECIPE_128x128], [], bias,
+                               torch.bfloat16, [], False)
+
+
+def _bias_after(mm: Callable) -> Callable:
+    """``mm`` for a GEMM whose epilogue takes no bias: add it afterwards."""
+
+    def run(xq, xs, weight, gemm_scale, bias):
+        y = mm(xq, xs, weight, gemm_scale, None)
+        return y if bias is None else y + bias.to(y.dtype)
+
+    return run
+
+
+def _scaling_type(*names: str) -> int:
+    try:
+        from torch.nn.functional import ScalingType
+    except ImportError:
+        return -1
+    return next((getattr(ScalingType, n).value for n in names if hasattr(ScalingType, n)), -1)
+
+
+_RECIPE_1x128 = _scaling_type("BlockWise1x128", "Blockwise_1x128")
+_RECIPE_128x128 = _scaling_type("BlockWise128x128", "Blockwise_128x128")
+_BLOCK_ROWS = 16  # cuBLASLt's block-scaled FP8 GEMM has no kernel for other row counts (H200, CUDA 13)
+
+
+@torch.library.custom_op("omni_fp8::scaled_mm_blockwise", mutates_args=())
+def _scaled_mm_blockwise(
+    xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gemm_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """DeepSeek-style 1x128 / 128x128 block-scaled FP8 GEMM, BF16 out, ``M x N`` for ``M`` rows in.
+
+    A custom op because ``torch.compile`` cannot trace the GEMM's newer entry point (torch 2.11).
+    Rows come padded to a multiple of 16 from the eager quantizer; under ``torch.compile`` they
+    are padded here (zeros, scale 1) and dropped again.
+    """
+    mm = _probe(xq.device, CUBLAS_BLOCK)
+    m = xq.shape[0]
+    if m % _BLOCK_ROWS:
+        padded = -(-m // _BLOCK_ROWS) * _BLOCK_ROWS
+        xq_p = torch.zeros((padded, xq.shape[1]), dtype=xq.dtype, device=xq.device)
+        xq_p[:m] = xq
+        xs_p = torch.ones((xs.shape[1], padded), dtype=xs.dtype, device=xs.device).t()  # column-major
+        xs_p[:m] = xs
+        return mm(xq_p, xs_p, weight, gemm_scale, bias)[:m].contiguous()
+    return mm(xq, xs, weight, gemm_scale, bias)
+
+
+@_scaled_mm_blockwise.register_fake
+def _(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gemm_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
 def _emulated(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block_size: tuple[int, int] | None
 ) -> torch.Tensor:
-    xq, x_scale = quantize_activation_per_token(x)
-    x_deq = xq.to(torch.float32) * x_scale
+    group = None if block_size is None else block_size[1]
+    xq, x_scale = quantize_activation(x, group)
+    if group is None:
+        x_deq = xq.to(torch.float32) * x_scale
+    else:
+        x_deq = xq.to(torch.float32) * x_scale.repeat_interleave(group, dim=-1)[..., : x.shape[-1]]
     w_deq = dequantize_weight(weight, scale, block_size, torch.float32)
     y = x_deq @ w_deq.t()
     if bias is not None:

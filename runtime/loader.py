@@ -276,14 +276,12 @@ def _swap_linears(
     for name, scheme in schemes.items():
         if scheme == KEPT:
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         layer = Fp8Linear(
             linear.in_features, linear.out_features, bias=linear.bias is not None, block_size=block,
             device="meta", dtype=linear.weight.dtype, force_fp8_gemm=force,
         )
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ import torch
 from conftest import same_bits
 from torch import nn
 
-from omni_fp8 import Fp8Config, Fp8Linear, convert, load_transformer
+from omni_fp8 import Fp8Config, Fp8Linear, convert, load_transformer, quantize_
 from omni_fp8.converter.errors import ConfigError, ModelMismatchError, UnsupportedSourceError
 from omni_fp8.converter.numerics import quantize_weight
 from omni_fp8.converter.source import MANIFEST_NAME
@@ -95,6 +95,14 @@ def test_fp8_output_stays_close_to_high_precision(family, block, bound, request)
     run = FAMILIES[family]
     err = rel_l2(run(fp8), run(reference))
     assert 0 < err < bound, err
+
+
+@pytest.mark.parametrize("block", [None, (32, 32)])
+def test_quantize_in_memory_matches_loading(qwen_src, block):
+    plain = load_transformer(qwen_src, progress=False)
+    assert quantize_(plain, {"weight_block_size": block}) is plain
+    assert_same_model(plain, load_transformer(qwen_src, quantization="fp8", quantization_config={"weight_block_size": block},
+                                              progress=False))
 
 
 def test_qwen_preset_keeps_img_mlp_as_linear(qwen_src):
@@ -318,7 +326,7 @@ def test_gpu_load_and_fp8_gemm_close_to_emulation(qwen_src):
     cpu = load_transformer(qwen_src, quantization="fp8", quantization_config={"preset": "none"}, progress=False)
     gpu = load_transformer(qwen_src, quantization="fp8", quantization_config={"preset": "none"}, device="cuda", progress=False)
     layer = gpu.transformer_blocks[0].attn.to_q
-    assert layer.weight.is_cuda and layer._fp8_gemm == device_has_fp8("cuda")
+    assert layer.weight.is_cuda and (layer._gemm_fn is not None) == device_has_fp8("cuda")
     inputs = qwen_inputs(cpu)
     with torch.no_grad():
         ref = cpu(**inputs)[0]

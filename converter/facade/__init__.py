@@ -22,13 +22,14 @@ from omni_fp8.converter import (
 )
 from omni_fp8.converter import errors
 from omni_fp8.converter.manifest import tool_version
-from omni_fp8.runtime import Fp8Linear, load_transformer
+from omni_fp8.runtime import Fp8Linear, load_transformer, quantize_
 
 __version__ = tool_version()
 
 __all__ = [
     "Fp8Config",
     "load_transformer",
+    "quantize_",
     "Fp8Linear",
     "convert",
     "ConversionResult",

@@ -1,0 +1,51 @@
+"""``quantize_``: turn a model already in memory into FP8, in place, with the converter's decisions.
+
+For a model you built or loaded yourself (on any device): its ``nn.Linear`` layers are planned
+exactly as ``omni-convert`` would plan a checkpoint of the same class (presets, patterns,
+alignment, layers whose dtype the forward reads) and the eligible ones are replaced by
+``Fp8Linear``, freeing their high-precision weights one layer at a time.
+
+    >>> from omni_fp8 import quantize_
+    >>> transformer = quantize_(pipe.transformer, {"ignored_layers": ["img_mlp"]})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_fp8.converter.options import Fp8Config
+from omni_fp8.converter.plan import dtype_read_linears, linear_shapes, plan_linears
+from omni_fp8.converter.presets import resolve_preset
+
+from .fp8_linear import Fp8Linear
+
+__all__ = ["quantize_"]
+
+
+def quantize_(
+    model: nn.Module, config: Fp8Config | Mapping[str, Any] | None = None, *, force_fp8_kernels: bool = False
+) -> nn.Module:
+    """Replace eligible ``nn.Linear`` layers of ``model`` by ``Fp8Linear``, in place; return ``model``.
+
+    The preset is looked up by the model's class name, as for a checkpoint's ``_class_name``.
+    Weights are quantized where they are (a GPU model is quantized on the GPU, with the same bits).
+    """
+    config = Fp8Config.coerce(config)
+    class_name = type(model).__name__
+    preset = resolve_preset(config.preset, class_name)
+    patterns = (*(preset.ignored_layers if preset else ()), *config.ignored_layers)
+    decisions = plan_linears(
+        linear_shapes(model), config, patterns, class_name=class_name, dtype_read=dtype_read_linears(model)
+    )
+    with torch.no_grad():
+        for name, decision in decisions.items():
+            if not decision.quantized:
+                continue
+            linear = model.get_submodule(name)
+            model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size, force_fp8_gemm=force_fp8_kernels))
+            del linear
+    return model

@@ -1,0 +1,112 @@
+"""Activation quantization in one Triton kernel, registered as a torch custom op.
+
+``numerics.quantize_activation`` written in plain torch launches about seven kernels per call
+(upcast, abs, amax, where, divide, clamp, cast); in eager mode their launch cost alone eats the
+FP8 speedup (35 us per Linear measured on H100, whatever the size). This kernel reads each row
+once and writes the FP8 row and its scale(s): one launch, same bits (divisions rounded to nearest,
+as torch's are; the float32 -> E4M3 cast is round-to-nearest-even and saturating, after the clamp).
+
+Under ``torch.compile`` the plain-torch version is used instead, so Inductor can fuse it into the
+op that produced the activations; the custom op's fake implementation still lets it be traced.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from omni_fp8.converter.numerics import FP8_DTYPE, FP8_MAX
+
+__all__ = ["HAVE_TRITON", "quantize_activation_cuda", "quantize_activation_triton"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the emulated path needs no kernel
+    triton = None
+
+HAVE_TRITON = triton is not None
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _quantize_rows(
+        x_ptr, q_ptr, s_ptr, M, K, group, stride_x, stride_q, stride_s_row, stride_s_group,
+        BLOCK: tl.constexpr, FP8_LIMIT: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        g = tl.program_id(1)
+        offs = tl.arange(0, BLOCK)
+        cols = g * group + offs
+        mask = (offs < group) & (cols < K)
+        # Rows past M are padding (the block-scaled GEMM wants M a multiple of 16): x = 0 there,
+        # so q = 0 and the scale is 1.
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask & (row < M), other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, FP8_LIMIT))
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_LIMIT), FP8_LIMIT)
+        tl.store(q_ptr + row * stride_q + cols, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(s_ptr + row * stride_s_row + g * stride_s_group, scale)
+
+
+def _scale_layout(m: int, groups: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Per-token scales are ``[M, 1]``; per-group ones ``[M, G]`` column-major, as cuBLAS wants."""
+    if group_size == 0:
+        return (m, 1), (1, 1)
+    return (m, groups), (1, m)
+
+
+def quantize_activation_cuda(
+    x: torch.Tensor, group_size: int, pad_rows_to: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numerics.quantize_activation`` for a 2-D CUDA tensor; ``group_size`` 0 means per token.
+
+    Per-group scales come back column-major (strides ``(1, M)``), the layout the block-scaled
+    GEMM takes; their values equal the reference's. ``pad_rows_to`` rounds the row count up with
+    zero rows (scale 1) in the same launch. Called directly in eager mode (a custom op's dispatch
+    would add to every Linear's launch cost); ``quantize_activation_triton`` is the same as a
+    traceable op.
+    """
+    m, k = x.shape
+    rows = -(-m // pad_rows_to) * pad_rows_to
+    group = k if group_size == 0 else group_size
+    groups = -(-k // group)
+    x = x.contiguous()
+    # One allocation for both outputs (each allocation is host time on every Linear): the
+    # float32 scales first, then the FP8 values at a 256-byte boundary, as cuBLASLt wants them.
+    scale_bytes = rows * groups * 4
+    offset = -(-scale_bytes // 256) * 256
+    buf = torch.empty(offset + rows * k, dtype=torch.uint8, device=x.device)
+    shape, strides = _scale_layout(rows, groups, group_size)
+    s = buf[:scale_bytes].view(torch.float32).as_strided(shape, strides)
+    q = buf[offset:].view(FP8_DTYPE).view(rows, k)
+    if rows:
+        block, warps = _launch_shape(group)
+        _quantize_rows[(rows, groups)](
+            x, q, s, m, k, group, x.stride(0), k, strides[0], strides[1] if group_size else 0,
+            BLOCK=block, FP8_LIMIT=FP8_MAX, num_warps=warps,
+        )
+    return q, s
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_shape(group: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(group)
+    return block, max(1, min(16, block // 256))
+
+
+@torch.library.custom_op("omni_fp8::quantize_activation", mutates_args=())
+def quantize_activation_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_activation_cuda`` as a custom op, so ``torch.compile`` can trace a call to it."""
+    q, s = quantize_activation_cuda(x, group_size)
+    return q, s.clone()  # a custom op's outputs may not share storage; the scales are small
+
+
+@quantize_activation_triton.register_fake
+def _(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    groups = -(-k // (k if group_size == 0 else group_size))
+    shape, strides = _scale_layout(m, groups, group_size)
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    return q, torch.empty_strided(shape, strides, dtype=torch.float32, device=x.device)
