@@ -298,7 +298,7 @@ def run_model(name: str, a) -> dict:
             reached = (base - ms) / saving if saving > 0 else float("nan")
             print(f"{'fp8 ' + scheme:<12} {mode:<26} {ms:>8.1f} {base / ms:>7.2f}x {ceiling:>7.2f}x {100 * reached:>9.0f}% "
                   f"{memory[scheme] / 2**30:>5.1f} GiB {_error_text(errors.get(scheme)):>8}")
-    print(f"FP8 weight memory vs BF16: " + ", ".join(
+    print("FP8 weight memory vs BF16: " + ", ".join(
         f"{s} {100 * memory[s] / result['bf16_weight_bytes']:.1f}%" for s in a.schemes))
     print(f"{'Linear MxNxK':<20} {'count':>5} {'bf16 us':>8} {'fp8 us':>8} {'block us':>9} {'quant us':>9}")
     for shape, v in lin.items():

@@ -151,7 +151,7 @@ def quantize_activation(x: torch.Tensor, group_size: int | None = None) -> tuple
         groups = -(-k // group_size)
         x32 = torch.nn.functional.pad(x32, (0, groups * group_size - k)).unflatten(-1, (groups, group_size))
     amax = x32.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+    scale = torch.where(amax == 0, torch.ones_like(amax), _divide(amax, FP8_MAX))
     q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     if group_size is None:
         return q, scale
@@ -193,9 +193,19 @@ def _block_amax(blocks: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    # float32 / python float stays float32; an all-zero tensor gets scale 1 so q = 0 and q * s = 0.
-    scale = amax.to(torch.float32) / FP8_MAX
-    return torch.where(amax == 0, torch.ones_like(scale), scale)
+    # An all-zero tensor gets scale 1, so q = 0 and q * s = 0.
+    amax = amax.to(torch.float32)
+    return torch.where(amax == 0, torch.ones_like(amax), _divide(amax, FP8_MAX))
+
+
+def _divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` rounded to nearest, on every device.
+
+    On CUDA, torch divides by a Python number as a multiplication by its reciprocal, which can
+    differ in the last bit (measured on an H200: the scales of GPU-quantized weights did not
+    match the CPU's). A divisor tensor on ``x``'s device gets a true division everywhere.
+    """
+    return x / torch.full((), divisor, dtype=torch.float32, device=x.device)
 
 
 def _to_fp8(src: torch.Tensor, divisor: torch.Tensor, scratch: torch.Tensor, out: torch.Tensor) -> None:

@@ -7,7 +7,6 @@ The session-scoped source folders are shared by many tests and must never change
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 

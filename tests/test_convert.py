@@ -159,3 +159,19 @@ def test_verify_reports_changed_missing_and_extra_files(qwen_src, tmp_path):
         f"{shard.name}: SHA-256 differs from the manifest (the file was changed)",
         "stray.txt: not in the manifest",
     ]
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda m: m.update(format="something-else"), "not an omni-fp8 manifest"),
+    (lambda m: m.update(format_version=99), "manifest format_version 99 is not 1; upgrade omni-fp8"),
+])
+def test_foreign_or_future_manifests_are_refused(qwen_src, tmp_path, edit, why):
+    from omni_fp8.converter.errors import CorruptCheckpointError
+
+    convert(qwen_src, tmp_path / "out", progress=False)
+    path = tmp_path / "out" / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match=why):
+        read_manifest(tmp_path / "out")

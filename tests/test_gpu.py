@@ -102,3 +102,17 @@ def test_compiled_model_has_no_graph_breaks(qwen_src, block):
     # elementwise chains in float32 where eager rounds to BF16 after each op. The quantization
     # itself gives the same bits either way (test above).
     assert rel_l2(compiled, eager) < 5e-2
+
+
+@pytest.mark.parametrize("block", [None, (128, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weight_quantization_on_the_gpu_gives_the_cpu_bits(block, dtype):
+    """quantize_ on a GPU model must equal converting on a CPU."""
+    from omni_fp8.converter.numerics import quantize_weight
+
+    torch.manual_seed(5)
+    w = (torch.randn(768, 1000) * 0.02).to(dtype)  # K=1000: a partial edge block
+    q, s = quantize_weight(w, block)
+    q_gpu, s_gpu = quantize_weight(w.cuda(), block)
+    assert torch.equal(q_gpu.cpu().view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(s_gpu.cpu(), s)

@@ -161,3 +161,20 @@ def test_option_forms():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(1234) == 1234
     with pytest.raises(ConfigError, match="bad size 'lots'"):
         parse_size("lots")
+
+
+def test_dtype_option_must_be_a_float_dtype(qwen_src):
+    with pytest.raises(ConfigError, match="is not a high-precision float dtype"):
+        make_plan(open_source(qwen_src), dtype=torch.int8)
+
+
+def test_integer_linear_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_checkpoint(tiny_qwen_image(), tmp_path / "t", max_shard_size="100MB")
+    shard = next(folder.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["proj_out.weight"] = tensors["proj_out.weight"].to(torch.int8)
+    save_file(tensors, shard)
+    with pytest.raises(UnsupportedSourceError, match=r"proj_out.weight is I8; only BF16, FP16 and FP32 weights are quantized"):
+        make_plan(open_source(folder))

@@ -9,7 +9,7 @@ import torch
 from conftest import same_bits
 from torch import nn
 
-from omni_fp8 import Fp8Config, Fp8Linear, convert, load_transformer, quantize_
+from omni_fp8 import Fp8Linear, convert, load_transformer, quantize_
 from omni_fp8.converter.errors import ConfigError, ModelMismatchError, UnsupportedSourceError
 from omni_fp8.converter.numerics import quantize_weight
 from omni_fp8.converter.source import MANIFEST_NAME
@@ -332,3 +332,43 @@ def test_gpu_load_and_fp8_gemm_close_to_emulation(qwen_src):
         ref = cpu(**inputs)[0]
         out = gpu(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()})[0].cpu()
     assert rel_l2(out, ref) < 0.02  # same numerics; only summation order and bf16 attention differ
+
+
+def test_static_activation_folders_are_refused(qwen_src, tmp_path):
+    convert(qwen_src, tmp_path / "fp8", progress=False)
+    (tmp_path / "fp8" / MANIFEST_NAME).unlink()
+    path = tmp_path / "fp8" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["activation_scheme"] = "static"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UnsupportedSourceError, match="activation_scheme 'static' .* is not supported"):
+        load_transformer(tmp_path / "fp8", progress=False)
+
+
+def test_block_size_in_config_that_the_shards_do_not_have(qwen_src, tmp_path):
+    convert(qwen_src, tmp_path / "fp8", progress=False)
+    (tmp_path / "fp8" / MANIFEST_NAME).unlink()
+    path = tmp_path / "fp8" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["weight_block_size"] = [32, 32]
+    path.write_text(json.dumps(config))
+    with pytest.raises(ModelMismatchError, match=r"weight_scale_inv is missing \(it has weight_scale: config.json's weight_block_size"):
+        load_transformer(tmp_path / "fp8", progress=False)
+
+
+def test_checkpoint_tensors_the_model_does_not_have_or_lacks(copy_of, qwen_src):
+    folder = copy_of(qwen_src)
+    _edit(folder, lambda t: t.update({"ghost.weight": torch.ones(2)}) if "proj_out.weight" in t else None)
+    with pytest.raises(ModelMismatchError, match=r"the checkpoint has 'ghost.weight', which QwenImageTransformer2DModel"):
+        load_transformer(folder, progress=False)
+    _edit(folder, lambda t: (t.pop("ghost.weight", None), t.pop("txt_norm.weight", None)))
+    with pytest.raises(ModelMismatchError, match=r"the checkpoint lacks 1 tensor\(s\) of QwenImageTransformer2DModel \(txt_norm.weight\)"):
+        load_transformer(folder, progress=False)
+
+
+def test_load_quantized_refuses_wrong_tensors():
+    layer = Fp8Linear(32, 16)
+    with pytest.raises(ValueError, match="cannot take"):
+        layer.load_quantized(torch.zeros(16, 32), torch.ones(()), None)
+    with pytest.raises(ValueError, match="cannot take"):
+        layer.load_quantized(torch.zeros(8, 32, dtype=torch.float8_e4m3fn), torch.ones(()), None)

@@ -138,3 +138,15 @@ def test_pipeline_without_transformer(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "vae": ["diffusers", "AutoencoderKL"]}))
     with pytest.raises(UnsupportedSourceError, match=r"has no 'transformer' component \(it has vae\)"):
         open_source(tmp_path)
+
+
+def test_a_file_that_is_not_a_folder(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("hello")
+    with pytest.raises(UnsupportedSourceError, match=r"README.md: not a folder; give a diffusers pipeline folder"):
+        open_source(path)
+
+
+def test_subfolder_outside_the_source(qwen_src):
+    with pytest.raises(UnsupportedSourceError, match=r"'../..' is not a folder inside"):
+        open_source(qwen_src, subfolder="../..")
