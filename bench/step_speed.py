@@ -8,7 +8,8 @@ For each model (random weights, real layer widths; full depth unless ``--blocks`
 2. for each FP8 scheme (per-tensor; 128x128 blocks): rebuild the same weights, ``quantize_`` in
    place, time eager and compiled, measure the output's relative L2 error against BF16;
 3. time each distinct Linear shape alone in BF16 (``F.linear``) and FP8 (the GEMM only,
-   activation quantization excluded): the Linears' share of the step, and so the ceiling
+   activation quantization excluded; for at most 16 rows the better of the GEMM and the
+   FP8-weight GEMV): the Linears' share of the step, and so the ceiling
    ``T_bf16 - (T_linears_bf16 - T_linears_fp8)`` and the fraction of the possible saving reached,
    ``(T_bf16 - T_fp8) / (T_bf16 - T_ceiling)``.
 
@@ -198,6 +199,13 @@ def time_linears(shapes: Counter, repeat: int) -> dict:
         else:
             row["fp8_block"] = row["fp8_tensor"]
         row["quant"] = median_ms(lambda: kernels._quantize_for_gemm(x, None), 5, repeat, inner=20)
+        if m <= kernels.GEMV_MAX_ROWS:  # what Fp8Linear runs for few rows: the FP8-weight GEMV
+            from omni_fp8.runtime.triton_kernels import fp8_weight_gemv
+
+            wscale = torch.ones((), device="cuda")
+            row["gemv"] = median_ms(lambda: fp8_weight_gemv(x, wq, wscale, None, None), 5, repeat, inner=20)
+            row["fp8_tensor_gemm"], row["fp8_tensor"] = row["fp8_tensor"], min(row["fp8_tensor"], row["gemv"])
+            row["fp8_block_gemm"], row["fp8_block"] = row["fp8_block"], min(row["fp8_block"], row["gemv"])
         rows[f"{m}x{n}x{k}"] = row
     return rows
 
@@ -207,7 +215,7 @@ def launch_costs(k: int = 3072, calls: int = 2000) -> dict:
     busy (M=16), so the rate is the launch cost: eager mode pays it for every Linear."""
     from omni_fp8 import Fp8Linear
     from omni_fp8.runtime import kernels
-    from omni_fp8.runtime.triton_quant import quantize_activation_cuda
+    from omni_fp8.runtime.triton_kernels import quantize_activation_cuda
 
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
     linear = nn.Linear(k, k).cuda().bfloat16()
@@ -300,10 +308,12 @@ def run_model(name: str, a) -> dict:
                   f"{memory[scheme] / 2**30:>5.1f} GiB {_error_text(errors.get(scheme)):>8}")
     print("FP8 weight memory vs BF16: " + ", ".join(
         f"{s} {100 * memory[s] / result['bf16_weight_bytes']:.1f}%" for s in a.schemes))
-    print(f"{'Linear MxNxK':<20} {'count':>5} {'bf16 us':>8} {'fp8 us':>8} {'block us':>9} {'quant us':>9}")
+    print(f"{'Linear MxNxK':<20} {'count':>5} {'bf16 us':>8} {'fp8 us':>8} {'block us':>9} {'quant us':>9} {'gemv us':>8}")
     for shape, v in lin.items():
-        print(f"{shape:<20} {v['count']:>5} {v['bf16'] * 1e3:>8.0f} {v['fp8_tensor'] * 1e3:>8.0f} "
-              f"{v['fp8_block'] * 1e3:>9.0f} {v['quant'] * 1e3:>9.0f}")
+        gemm, block = v.get("fp8_tensor_gemm", v["fp8_tensor"]), v.get("fp8_block_gemm", v["fp8_block"])
+        gemv = f"{v['gemv'] * 1e3:>8.0f}" if "gemv" in v else f"{'':>8}"
+        print(f"{shape:<20} {v['count']:>5} {v['bf16'] * 1e3:>8.0f} {gemm * 1e3:>8.0f} "
+              f"{block * 1e3:>9.0f} {v['quant'] * 1e3:>9.0f} {gemv}")
     return result
 
 

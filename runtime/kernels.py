@@ -9,10 +9,12 @@
 * Everywhere else (CPU, older GPUs, other block sizes): the same computation emulated in float32:
   activations quantized and dequantized with the same numerics, the weight dequantized, a float32
   matmul. It matches the FP8 GEMM up to summation order, so quality measured on a CPU is the
-  quality a Hopper GPU delivers.
+  quality a Hopper GPU delivers (or slightly worse: the emulation quantizes the activations of
+  every Linear, where the GPU keeps the few-row modulation Linears' activations in BF16).
 
 Per-tensor weights pair with per-token activation scales; block weights ``(bn, bk)`` with
-per-token, per-``bk``-column-group activation scales.
+per-token, per-``bk``-column-group activation scales. With at most 16 rows (the modulation
+Linears) a Triton GEMV reads the FP8 weight with BF16 activations instead.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_activation
 
-from .triton_quant import HAVE_TRITON, quantize_activation_cuda
+from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, fp8_weight_gemv, gemv_supports, quantize_activation_cuda
 
 __all__ = ["fp8_linear", "device_has_fp8", "gemm_plan", "FP8_MIN_CAPABILITY", "CUBLAS_BLOCK"]
 
@@ -119,13 +121,28 @@ def fp8_linear(
     x2 = x.reshape(-1, shape[-1])
     group = None if block_size is None else block_size[1]
     if mm is not None and x.dtype == torch.bfloat16:
-        xq, xs = _shared_quantize(x, x2, group)
-        y = mm(xq, xs, weight, gemm_scale, bias)
-        if y.shape[0] != x2.shape[0]:
-            y = y[: x2.shape[0]]  # rows the block-scaled GEMM needed as padding
+        if x2.shape[0] <= GEMV_MAX_ROWS and gemv_supports(block_size):
+            y = _small_m(x2, weight, scale, bias, block_size)
+        else:
+            xq, xs = _shared_quantize(x, x2, group)
+            y = mm(xq, xs, weight, gemm_scale, bias)
+            if y.shape[0] != x2.shape[0]:
+                y = y[: x2.shape[0]]  # rows the block-scaled GEMM needed as padding
     else:
         y = _emulated(x2, weight, scale, bias, block_size)
     return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def _small_m(x2, weight, scale, bias, block_size):
+    """A few rows (AdaLN modulation: one per image): the FP8-weight GEMV, BF16 activations.
+
+    Measured on an H200 against the FP8 GEMM and BF16 (bench/RESULTS.md): the GEMV streams the
+    weight once as FP8 and needs no activation-quantization launch.
+    """
+    if torch.compiler.is_compiling():
+        bn, bk = block_size or (0, 0)
+        return torch.ops.omni_fp8.fp8_weight_gemv(x2, weight, scale, bias, bn, bk)
+    return fp8_weight_gemv(x2, weight, scale, bias, block_size)
 
 
 # Sibling projections (to_q, to_k, to_v) read the same activation: quantize it once. The entry

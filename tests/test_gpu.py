@@ -26,7 +26,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("m,k", [(1, 3072), (7, 64), (4096, 3072), (333, 12288), (256, 3584)])
 @pytest.mark.parametrize("group", [None, 128])
 def test_triton_activation_quantization_is_bit_exact(m, k, group):
-    from omni_fp8.runtime.triton_quant import HAVE_TRITON, quantize_activation_triton
+    from omni_fp8.runtime.triton_kernels import HAVE_TRITON, quantize_activation_triton
 
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
@@ -39,7 +39,7 @@ def test_triton_activation_quantization_is_bit_exact(m, k, group):
     assert torch.equal(s.cpu(), ref_s)
     if group:
         assert s.stride() == (1, m)  # column-major, as the block-scaled GEMM takes it
-        from omni_fp8.runtime.triton_quant import quantize_activation_cuda
+        from omni_fp8.runtime.triton_kernels import quantize_activation_cuda
 
         qp, sp = quantize_activation_cuda(x, group, pad_rows_to=16)  # rows padded in the same launch
         rows = -(-m // 16) * 16
@@ -60,18 +60,40 @@ def test_fp8_gemm_matches_the_emulation(block, m):
         pytest.skip("no block-scaled FP8 GEMM on this GPU")
     assert layer._gemm_fn is not None
     fast = layer(x)
-    emulated = kernels._emulated(x, layer.weight, layer.scale, layer.bias, layer.block_size)
+    if m <= 16:  # the FP8-weight GEMV: BF16 activations, so the reference is weight-only
+        reference = x.float() @ layer.dequantized_weight().t() + layer.bias.float()
+    else:
+        reference = kernels._emulated(x, layer.weight, layer.scale, layer.bias, layer.block_size)
     assert fast.dtype == torch.bfloat16
     # Measured 0.0041 on an H200: the BF16 output rounding and Hopper's FP8 tensor cores, which
     # accumulate with fewer bits than float32 between cuBLAS's promotions.
-    assert rel_l2(fast, emulated) < 1e-2
+    assert rel_l2(fast, reference) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("block", [None, (128, 128)])
+@pytest.mark.parametrize("n,k", [(18432, 3072), (256, 1000), (320, 384)])
+def test_fp8_weight_gemv_matches_the_weight_only_reference(m, block, n, k):
+    from omni_fp8.converter.numerics import dequantize_weight, quantize_weight
+    from omni_fp8.runtime.triton_kernels import HAVE_TRITON, fp8_weight_gemv
+
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    torch.manual_seed(m + n)
+    q, s = quantize_weight(torch.randn(n, k, device="cuda") * 0.02, block)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    y = fp8_weight_gemv(x, q, s, bias, block)
+    reference = x.float() @ dequantize_weight(q, s, block).t() + bias.float()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert rel_l2(y, reference) < 1e-2  # BF16 rounding of the output only
 
 
 @needs_fp8
 def test_shared_quantization_sees_in_place_changes():
     torch.manual_seed(1)
     a = Fp8Linear.from_linear(nn.Linear(256, 256).to(torch.bfloat16)).cuda()
-    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)  # > 16 rows: the quantizing GEMM path
     first = a(x)
     x.mul_(2)  # bumps the version: the cached quantization must not be reused
     assert not torch.equal(a(x), first)

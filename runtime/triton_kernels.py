@@ -1,4 +1,4 @@
-"""Activation quantization in one Triton kernel, registered as a torch custom op.
+"""The Triton kernels: activation quantization in one launch, and an FP8-weight GEMV for few rows.
 
 ``numerics.quantize_activation`` written in plain torch launches about seven kernels per call
 (upcast, abs, amax, where, divide, clamp, cast); in eager mode their launch cost alone eats the
@@ -18,7 +18,7 @@ import torch
 
 from omni_fp8.converter.numerics import FP8_DTYPE, FP8_MAX
 
-__all__ = ["HAVE_TRITON", "quantize_activation_cuda", "quantize_activation_triton"]
+__all__ = ["HAVE_TRITON", "quantize_activation_cuda", "quantize_activation_triton", "fp8_weight_gemv", "gemv_supports", "GEMV_MAX_ROWS"]
 
 try:
     import triton
@@ -29,6 +29,32 @@ except ImportError:  # CPU-only installs: the emulated path needs no kernel
 HAVE_TRITON = triton is not None
 
 if HAVE_TRITON:
+
+    @triton.jit
+    def _fp8_weight_gemv(
+        x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_s, stride_y,
+        HAS_BIAS: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in tl.range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kb * BLOCK_K
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            part = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))  # FP8 -> BF16 is exact; float32 sums
+            if BLOCKED:
+                acc += part * tl.load(s_ptr + (pid * BLOCK_N // SCALE_BN) * stride_s + k0 // SCALE_BK)
+            else:
+                acc += part
+        if not BLOCKED:
+            acc = acc * tl.load(s_ptr)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], acc.to(tl.bfloat16), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
     def _quantize_rows(
@@ -90,6 +116,43 @@ def quantize_activation_cuda(
     return q, s
 
 
+GEMV_MAX_ROWS = 16
+_GEMV_BLOCK_N, _GEMV_BLOCK_K = 64, 128
+
+
+def gemv_supports(block_size: tuple[int, int] | None) -> bool:
+    """Whether ``fp8_weight_gemv`` takes weights of this scheme (block edges must align with its tiles)."""
+    return HAVE_TRITON and (
+        block_size is None or (block_size[0] % _GEMV_BLOCK_N == 0 and block_size[1] % _GEMV_BLOCK_K == 0)
+    )
+
+
+def fp8_weight_gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+    block_size: tuple[int, int] | None,
+) -> torch.Tensor:
+    """``x @ (q * s).T + b`` for at most 16 BF16 rows, reading the FP8 weight once.
+
+    With a handful of rows (the AdaLN modulation Linears: one per image in the batch) a Linear
+    only streams its weight: reading it as FP8 halves the bytes, and keeping the activations in
+    BF16 spares the quantization launch. Weight-only FP8 here, so these layers are a little more
+    accurate than the W8A8 GEMMs of the rest.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x.contiguous()
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+    blocked = block_size is not None
+    _fp8_weight_gemv[(triton.cdiv(n, _GEMV_BLOCK_N),)](
+        x, weight, scale, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0),
+        scale.stride(0) if blocked else 0, y.stride(0),
+        HAS_BIAS=bias is not None, BLOCKED=blocked, BLOCK_M=GEMV_MAX_ROWS, BLOCK_N=_GEMV_BLOCK_N,
+        BLOCK_K=_GEMV_BLOCK_K, SCALE_BN=block_size[0] if blocked else 1, SCALE_BK=block_size[1] if blocked else 1,
+        num_warps=4, num_stages=4,
+    )
+    return y
+
+
 @functools.lru_cache(maxsize=None)
 def _launch_shape(group: int) -> tuple[int, int]:
     block = triton.next_power_of_2(group)
@@ -110,3 +173,16 @@ def _(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape, strides = _scale_layout(m, groups, group_size)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     return q, torch.empty_strided(shape, strides, dtype=torch.float32, device=x.device)
+
+
+@torch.library.custom_op("omni_fp8::fp8_weight_gemv", mutates_args=())
+def fp8_weight_gemv_op(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int
+) -> torch.Tensor:
+    """``fp8_weight_gemv`` as a custom op for ``torch.compile`` (``block_n`` 0: per-tensor scale)."""
+    return fp8_weight_gemv(x, weight, scale, bias, (block_n, block_k) if block_n else None)
+
+
+@fp8_weight_gemv_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
