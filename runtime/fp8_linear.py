@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omni_fp8.converter.errors import ConfigError
 from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, dequantize_weight, quantize_weight
 
-from .kernels import fp8_linear, gemm_plan
+from .kernels import fp8_linear, gemm_plan, no_fp8_gemm_error
 
 __all__ = ["Fp8Linear"]
 
@@ -131,11 +130,7 @@ class Fp8Linear(nn.Module):
         self._gemm_fn = None if plan is None else plan[0]
         self.register_buffer("gemm_scale", None if plan is None else plan[1], persistent=False)
         if self.force_fp8_gemm and device.type != "meta" and plan is None:
-            raise ConfigError(
-                f"force_fp8_kernels: {device} has no FP8 matmul for {self.scheme} weights (needs a CUDA GPU "
-                "of compute capability >= 8.9, and Hopper with 128x128 blocks for block scales); drop "
-                "force_fp8_kernels to run the emulated path."
-            )
+            raise no_fp8_gemm_error(device, self.scheme)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """Let ``.to(device)`` move the FP8 weight and scales, but never let ``.to(dtype)`` cast them.

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from omni_fp8.converter.errors import ConfigError
 from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_activation
 
 from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, fp8_weight_gemv, gemv_supports, quantize_activation_cuda
@@ -72,6 +73,15 @@ def _probe(device: torch.device, block_size: tuple[int, int] | None) -> Callable
         if torch.isfinite(y).all() and (y.float() - expected).norm() < 0.1 * expected.norm():
             return mm
     return None
+
+
+def no_fp8_gemm_error(device: torch.device, scheme: str = "fp8") -> ConfigError:
+    """The one message for ``force_fp8_kernels`` on a device that cannot honour it."""
+    return ConfigError(
+        f"force_fp8_kernels: {device} has no FP8 matmul for {scheme} weights (needs a CUDA GPU of compute "
+        "capability >= 8.9, and Hopper with 128x128 blocks for block scales); drop force_fp8_kernels "
+        "to run the emulated path."
+    )
 
 
 def gemm_plan(

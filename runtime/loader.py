@@ -33,7 +33,7 @@ from omni_fp8.converter.presets import resolve_preset
 from omni_fp8.converter.source import Source, open_source
 
 from .fp8_linear import Fp8Linear
-from .kernels import device_has_fp8
+from .kernels import device_has_fp8, no_fp8_gemm_error
 
 __all__ = ["load_transformer", "QUANTIZATIONS"]
 
@@ -83,10 +83,7 @@ def load_transformer(
     explicit = None if quantization_config is None else Fp8Config.coerce(quantization_config)
     device = torch.device(device)
     if force_fp8_kernels and not device_has_fp8(device):
-        raise ConfigError(
-            f"force_fp8_kernels: {device} has no FP8 matmul (needs a CUDA GPU of compute capability >= 8.9: "
-            "Ada, Hopper or newer); drop force_fp8_kernels to run the emulated path."
-        )
+        raise no_fp8_gemm_error(device)  # before reading a byte; each layer checks its scheme too
     source = open_source(pretrained, subfolder=subfolder, allow_quantized=True)
     model = empty_model(source.class_name, source.config)
     folder_config = source.config.get("quantization_config")
