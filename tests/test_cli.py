@@ -164,3 +164,9 @@ def test_nan_weight_fails_mid_run_and_publishes_nothing(tmp_path):
     loud = run("convert", src, tmp_path / "out")  # with the plan and progress bar, the error is still one line, last
     assert loud.exit_code == 1 and loud.stderr.strip().splitlines()[-1].startswith("error: transformer_blocks.1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["--debug", "convert", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert type(result.exception).__name__ == "SourceNotFoundError"  # raised, not turned into a line
