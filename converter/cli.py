@@ -191,6 +191,58 @@ def verify_command(path: str, as_json: bool, quiet: bool) -> None:
         sys.exit(1)
 
 
+@main.command(name="suggest")
+@click.argument("src")
+@click.option("--inputs", "inputs_path", metavar="FILE",
+              help="Recorded transformer inputs (omni_fp8.save_inputs). Default: sample_inputs.safetensors "
+                   "beside the transformer's weights.")
+@click.option("--max-error", type=float, default=None, show_default="0.065",
+              help="Largest mean relative L2 error of the outputs against the unquantized model.")
+@click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
+              help="Layers that stay high precision regardless (not measured).")
+@click.option("--weight-block-size", metavar="BN,BK", help="Measure block-scaled FP8 (default: per tensor).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def suggest_command(src: str, inputs_path: str | None, max_error: float | None, ignored_layers: tuple[str, ...],
+                    weight_block_size: str | None, as_json: bool, quiet: bool) -> None:
+    """Measure each layer group's FP8 damage on recorded inputs and suggest --ignored-layers.
+
+    Quantizes one group of Linears at a time (a block's attention, each MLP, the modulation, each
+    embedder), replays the inputs, ranks the groups by how far the output moves, then keeps the
+    worst ones in high precision until the error is within --max-error.
+    """
+    from pathlib import Path
+
+    from omni_fp8.runtime import load_transformer
+    from omni_fp8.runtime.sensitivity import DEFAULT_MAX_ERROR, load_inputs, suggest
+
+    from .errors import SourceNotFoundError, UnsupportedSourceError
+
+    source = open_source(src, allow_quantized=True)
+    if "quantization_config" in source.config:
+        raise UnsupportedSourceError(
+            f"{source.model_dir}: already quantized; suggest measures the high-precision checkpoint it came from.",
+            path=source.model_dir)
+    path = Path(inputs_path) if inputs_path else source.model_dir / "sample_inputs.safetensors"
+    if not path.is_file():
+        raise SourceNotFoundError(
+            f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
+            "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
+    config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size)
+    model = load_transformer(src, progress=not quiet)
+    bound = DEFAULT_MAX_ERROR if max_error is None else max_error
+    report = suggest(model, load_inputs(path), config, max_error=bound, progress=not quiet)
+    patterns = [*config.ignored_layers, *report.ignored_layers]
+    if as_json:
+        _emit_json({**report.to_dict(), "patterns": patterns})
+        return
+    click.echo(report.table())
+    flag = f" --ignored-layers {','.join(patterns)}" if patterns else ""
+    block = f" --weight-block-size {weight_block_size}" if weight_block_size else ""
+    click.echo(f"\nomni-convert convert {src} OUT --preset none{flag}{block}")
+
+
 @main.command()
 @click.argument("out")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier demo output.")

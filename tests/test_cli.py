@@ -40,7 +40,8 @@ def test_convert_json_and_quiet(qwen_src, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     data = json.loads(result.stdout)
-    assert data["options"]["ignored_layers"] == ["img_mlp", "to_qkv", "txt_mlp", "re:^proj_out$"]
+    preset = ["img_mlp", "img_in", "txt_in", "time_text_embed", "norm_out", "proj_out"]
+    assert data["options"]["ignored_layers"] == [*preset, "to_qkv", "txt_mlp", "re:^proj_out$"]
     assert data["quantization_config"]["weight_block_size"] == [32, 32]
     assert data["linears_quantized"] < data["linears"] and data["output_bytes"] < data["source_bytes"]
 
@@ -56,7 +57,7 @@ def test_inspect_source_and_converted(qwen_src, tmp_path):
 
     run("convert", qwen_src, tmp_path / "out", "--quiet")
     summary = run("inspect", tmp_path / "out")
-    assert summary.exit_code == 0 and "Folder:" in summary.stdout and "30 of 34 in FP8" in summary.stdout
+    assert summary.exit_code == 0 and "Folder:" in summary.stdout and "24 of 34 in FP8" in summary.stdout
     data = json.loads(run("inspect", tmp_path / "out", "--json").stdout)
     assert data["quantization_config"]["quant_method"] == "fp8"
 

@@ -83,7 +83,7 @@ def test_qwen_image_bf16(qwen_src, tmp_path, block):
                                   "component": "", "class_name": "QwenImageTransformer2DModel"}
     assert manifest["totals"]["source_bytes"] == sum(
         t.numel() * t.element_size() for t in load_tensors(qwen_src).values())
-    assert result.output_bytes < 0.62 * result.source_bytes
+    assert result.output_bytes < 0.7 * result.source_bytes  # the preset keeps img_mlp and the edges
     assert "Linears in FP8" in result.summary_line()
 
 

@@ -47,9 +47,11 @@ def test_qwen_preset_is_auto_picked_and_keeps_img_mlp(qwen_src):
     plan = make_plan(open_source(qwen_src))
     assert plan.preset.name == "qwen-image"
     kept = plan.kept_linears
-    assert kept and all(".img_mlp." in name for name in kept)
+    edges = {"img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1",
+             "time_text_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out"}
+    assert set(kept) == {n for n in plan.linears if ".img_mlp." in n} | edges
     assert plan.linears["transformer_blocks.0.txt_mlp.net.0.proj"].scheme == "fp8_tensor"
-    assert plan.pattern_hits == {"img_mlp": 4}
+    assert plan.pattern_hits == {"img_mlp": 4, "img_in": 1, "txt_in": 1, "time_text_embed": 2, "norm_out": 1, "proj_out": 1}
     assert plan.quantization_config() == {
         "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": None,
         "ignored_layers": kept, "is_checkpoint_fp8_serialized": True,
@@ -63,14 +65,15 @@ def test_preset_none_quantizes_every_aligned_linear(qwen_src):
 
 def test_explicit_patterns_extend_the_preset(qwen_src):
     plan = make_plan(open_source(qwen_src), {"ignored_layers": ["to_qkv", "re:^proj_out$"], "weight_block_size": [32, 32]})
-    assert plan.ignored_layers == ("img_mlp", "to_qkv", "re:^proj_out$")
+    preset = ("img_mlp", "img_in", "txt_in", "time_text_embed", "norm_out", "proj_out")
+    assert plan.ignored_layers == (*preset, "to_qkv", "re:^proj_out$")
     assert plan.linears["transformer_blocks.1.attn.to_k"].reason == "ignored:to_qkv"
-    assert plan.linears["proj_out"].reason == "ignored:re:^proj_out$"
+    assert plan.linears["proj_out"].reason == "ignored:proj_out"  # the first matching pattern gets it
     assert plan.linears["transformer_blocks.1.attn.to_out.0"].scheme == "fp8_block"
-    weight = next(t for t in plan.tensors if t.name == "norm_out.linear.weight")
+    weight = next(t for t in plan.tensors if t.name == "transformer_blocks.0.txt_mod.1.weight")
     assert [(o.name, o.dtype, o.shape) for o in weight.outputs] == [
-        ("norm_out.linear.weight", torch.float8_e4m3fn, (128, 64)),
-        ("norm_out.linear.weight_scale_inv", torch.float32, (4, 2)),
+        ("transformer_blocks.0.txt_mod.1.weight", torch.float8_e4m3fn, (384, 64)),
+        ("transformer_blocks.0.txt_mod.1.weight_scale_inv", torch.float32, (12, 2)),
     ]
 
 

@@ -23,6 +23,7 @@ from omni_fp8.converter import (
 from omni_fp8.converter import errors
 from omni_fp8.converter.manifest import tool_version
 from omni_fp8.runtime import Fp8Linear, load_transformer, quantize_
+from omni_fp8.runtime.sensitivity import load_inputs, record_inputs, save_inputs, sensitivity, suggest
 
 __version__ = tool_version()
 
@@ -30,6 +31,11 @@ __all__ = [
     "Fp8Config",
     "load_transformer",
     "quantize_",
+    "sensitivity",
+    "suggest",
+    "record_inputs",
+    "save_inputs",
+    "load_inputs",
     "Fp8Linear",
     "convert",
     "ConversionResult",

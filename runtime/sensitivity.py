@@ -1,0 +1,264 @@
+"""Which layers can take FP8: one group of Linears at a time, measured on the model's own inputs.
+
+    >>> report = suggest(transformer, load_inputs("inputs.safetensors"), max_error=0.05)  # doctest: +SKIP
+    >>> print(report.table()); report.ignored_layers  # doctest: +SKIP
+
+``sensitivity`` quantizes one group of Linears (a block's attention, each MLP, the modulation,
+each embedder) at a time, replays recorded transformer inputs, and measures how far the output
+moves from the unquantized model's; ``suggest`` then keeps the most damaging groups in high
+precision, greedily, until the whole model's error passes a bound.
+
+Recorded inputs are a safetensors file (``save_inputs`` / ``load_inputs``): for forward call
+``i``, tensor keyword arguments as ``"{i:05d}.{name}"`` and the other JSON-able ones (lists of
+image shapes, flags) in the metadata, under ``"omni-fp8-inputs"``. Record them from a real
+pipeline run with ``record_inputs``:
+
+    >>> with record_inputs(pipe.transformer) as calls:  # doctest: +SKIP
+    ...     pipe("a cat", num_inference_steps=8)
+    >>> save_inputs("inputs.safetensors", calls)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from omni_fp8.converter.options import Fp8Config
+from omni_fp8.converter.plan import dtype_read_linears, linear_shapes, plan_linears
+
+from .fp8_linear import Fp8Linear
+
+INPUTS_FORMAT = "omni-fp8-inputs"
+INPUTS_VERSION = 1
+# Between the lab DiT's output error with every Linear in FP8 (0.049; its images pass the quality
+# gate) and with the gate's failing controls (0.088 for 4-bit weights, 0.096 for E5M2 W8A8):
+# their geometric mean (bench/RESULTS.md, "Quality lab").
+DEFAULT_MAX_ERROR = 0.065
+
+__all__ = [
+    "save_inputs", "load_inputs", "record_inputs", "sensitivity", "suggest", "SensitivityReport",
+    "GroupDamage", "group_of", "DEFAULT_MAX_ERROR",
+]
+
+
+def save_inputs(path: str | os.PathLike[str], calls: Sequence[Mapping[str, Any]]) -> None:
+    """Write recorded forward keyword arguments, one mapping per call, as a safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    other: list[dict[str, Any]] = []
+    for i, kwargs in enumerate(calls):
+        rest = {}
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{i:05d}.{name}"] = value.detach().to("cpu").clone()  # calls may share a tensor
+            else:
+                rest[name] = value
+        other.append(rest)
+    meta = {"format": INPUTS_FORMAT, "format_version": INPUTS_VERSION, "calls": len(calls), "other": other}
+    save_file(tensors, os.fspath(path), metadata={INPUTS_FORMAT: json.dumps(meta)})
+
+
+def load_inputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a file written by ``save_inputs``: a list of forward keyword-argument dicts."""
+    from safetensors import safe_open
+
+    from omni_fp8.converter.errors import CorruptCheckpointError
+
+    with safe_open(os.fspath(path), "pt") as f:
+        raw = (f.metadata() or {}).get(INPUTS_FORMAT)
+        if raw is None:
+            raise CorruptCheckpointError(
+                f"{path}: not a recorded-inputs file (no {INPUTS_FORMAT!r} metadata); record one with "
+                "omni_fp8.record_inputs and save_inputs.", path=path)
+        meta = json.loads(raw)
+        if meta.get("format_version") != INPUTS_VERSION:
+            raise CorruptCheckpointError(f"{path}: recorded-inputs format_version {meta.get('format_version')!r} "
+                                         f"is not {INPUTS_VERSION}; upgrade omni-fp8.", path=path)
+        calls = [dict(other) for other in meta["other"]]
+        for key in f.keys():
+            index, _, name = key.partition(".")
+            calls[int(index)][name] = f.get_tensor(key)
+    for call in calls:  # JSON turns tuples into lists; shapes are compared as tuples downstream
+        if "img_shapes" in call:
+            call["img_shapes"] = [[tuple(s) for s in shapes] for shapes in call["img_shapes"]]
+    return calls
+
+
+@contextmanager
+def record_inputs(transformer: torch.nn.Module) -> Iterator[list[dict[str, Any]]]:
+    """Collect the keyword arguments of every forward call of ``transformer`` while in the block."""
+    calls: list[dict[str, Any]] = []
+
+    def hook(module, args, kwargs):
+        if args:
+            raise TypeError("record_inputs needs the transformer called with keyword arguments, as diffusers does")
+        calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()
+                      if k != "attention_kwargs" or v})
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@dataclass
+class GroupDamage:
+    """What quantizing one group alone does to the output."""
+
+    group: str
+    linears: list[str]
+    error: float  # mean relative L2 error of the outputs against the unquantized model's
+    bytes: int  # high-precision weight bytes of the group (FP8 saves about half)
+
+
+@dataclass
+class SensitivityReport:
+    """Every group's damage, worst first, and the all-FP8 error; see ``sensitivity``."""
+
+    class_name: str
+    calls: int
+    all_fp8_error: float
+    groups: list[GroupDamage] = field(default_factory=list)
+    ignored_layers: list[str] | None = None  # set by ``suggest``
+    suggested_error: float | None = None
+    max_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class_name": self.class_name, "calls": self.calls, "all_fp8_error": self.all_fp8_error,
+            "max_error": self.max_error, "ignored_layers": self.ignored_layers, "suggested_error": self.suggested_error,
+            "groups": [{"group": g.group, "linears": len(g.linears), "error": g.error, "bytes": g.bytes} for g in self.groups],
+        }
+
+    def table(self, top: int = 20) -> str:
+        lines = [f"{self.class_name}: {self.calls} recorded calls; every eligible Linear in FP8: "
+                 f"relative L2 error {self.all_fp8_error:.4f}", "",
+                 f"  {'group (quantized alone)':<44} {'Linears':>7} {'error':>8} {'weights':>10}"]
+        for g in self.groups[:top]:
+            lines.append(f"  {g.group:<44} {len(g.linears):>7} {g.error:>8.4f} {g.bytes / 1e6:>7.2f} MB")
+        if len(self.groups) > top:
+            lines.append(f"  ... {len(self.groups) - top} more groups")
+        if self.ignored_layers is not None:
+            kept = ", ".join(self.ignored_layers) or "(none)"
+            lines += ["", f"Suggested ignored_layers: {kept}",
+                      f"  error with them in high precision: {self.suggested_error:.4f} (bound {self.max_error})"]
+        return "\n".join(lines)
+
+
+def group_of(linear_name: str) -> str:
+    """The group a Linear belongs to: ``<blocks>.<i>.<child>`` inside a block list, else the
+    top-level module (``transformer_blocks.3.img_mlp``, ``layers.2.attention``, ``img_in``)."""
+    parts = linear_name.split(".")
+    if len(parts) > 2 and parts[1].isdigit():
+        return ".".join(parts[:3])
+    return parts[0]
+
+
+def candidates(model: nn.Module, config: Fp8Config) -> dict[str, list[str]]:
+    """Groups of the Linears FP8 could take under ``config`` (its patterns, no preset)."""
+    decisions = plan_linears(linear_shapes(model), config, config.ignored_layers,
+                             class_name=type(model).__name__, dtype_read=dtype_read_linears(model))
+    groups: dict[str, list[str]] = {}
+    for name, decision in decisions.items():
+        if decision.quantized:
+            groups.setdefault(group_of(name), []).append(name)
+    return groups
+
+
+def sensitivity(
+    model: nn.Module,
+    calls: Sequence[Mapping[str, Any]],
+    config: Fp8Config | Mapping[str, Any] | None = None,
+    *,
+    progress: bool = True,
+) -> SensitivityReport:
+    """Quantize each group of Linears alone and measure how far the outputs move.
+
+    ``model`` is the high-precision transformer (left as it was), ``calls`` its recorded
+    forward inputs (``load_inputs``). The error of a variant is the relative L2 distance of its
+    outputs from the unquantized model's, averaged over the calls.
+    """
+    from tqdm.auto import tqdm
+
+    config = Fp8Config.coerce(config)
+    groups = candidates(model, config)
+    reference = _replay(model, calls)
+    all_names = [n for names in groups.values() for n in names]
+    with _fp8(model, all_names, config):
+        all_error = _error(_replay(model, calls), reference)
+    report = SensitivityReport(type(model).__name__, len(calls), all_error)
+    for group, names in tqdm(groups.items(), desc="Sensitivity", disable=not progress):
+        with _fp8(model, names, config):
+            error = _error(_replay(model, calls), reference)
+        weight_bytes = sum(model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in names)
+        report.groups.append(GroupDamage(group, names, error, weight_bytes))
+    report.groups.sort(key=lambda g: -g.error)
+    return report
+
+
+def suggest(
+    model: nn.Module,
+    calls: Sequence[Mapping[str, Any]],
+    config: Fp8Config | Mapping[str, Any] | None = None,
+    *,
+    max_error: float = DEFAULT_MAX_ERROR,
+    progress: bool = True,
+) -> SensitivityReport:
+    """The smallest set of groups (greedily, worst first) to keep in high precision so that the
+    rest in FP8 stays within ``max_error``; ``report.ignored_layers`` are patterns for
+    ``Fp8Config(ignored_layers=...)`` and ``omni-convert --ignored-layers``."""
+    config = Fp8Config.coerce(config)
+    report = sensitivity(model, calls, config, progress=progress)
+    reference = _replay(model, calls)
+    kept: list[str] = []
+    error = report.all_fp8_error
+    for damage in report.groups:
+        if error <= max_error:
+            break
+        kept.append(damage.group)
+        names = [n for g in report.groups if g.group not in kept for n in g.linears]
+        with _fp8(model, names, config):
+            error = _error(_replay(model, calls), reference)
+    report.ignored_layers, report.suggested_error, report.max_error = kept, error, max_error
+    return report
+
+
+@contextmanager
+def _fp8(model: nn.Module, names: Sequence[str], config: Fp8Config) -> Iterator[None]:
+    """Swap these Linears for ``Fp8Linear`` for the duration, then put the originals back."""
+    originals = {n: model.get_submodule(n) for n in names}
+    try:
+        for name, linear in originals.items():
+            model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size))
+        yield
+    finally:
+        for name, linear in originals.items():
+            model.set_submodule(name, linear)
+
+
+@torch.no_grad()
+def _replay(model: nn.Module, calls: Sequence[Mapping[str, Any]]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    outputs = []
+    for kwargs in calls:
+        kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        kwargs.setdefault("return_dict", False)
+        result = model(**kwargs)
+        out = result[0] if isinstance(result, (tuple, list)) else getattr(result, "sample", result)
+        if isinstance(out, (list, tuple)):  # Z-Image returns one tensor per image
+            out = torch.stack(list(out))
+        outputs.append(out.float().cpu())
+    return outputs
+
+
+def _error(outputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    return float(sum((o - r).norm() / r.norm() for o, r in zip(outputs, reference)) / len(reference))
