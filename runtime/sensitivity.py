@@ -187,22 +187,7 @@ def sensitivity(
     forward inputs (``load_inputs``). The error of a variant is the relative L2 distance of its
     outputs from the unquantized model's, averaged over the calls.
     """
-    from tqdm.auto import tqdm
-
-    config = Fp8Config.coerce(config)
-    groups = candidates(model, config)
-    reference = _replay(model, calls)
-    all_names = [n for names in groups.values() for n in names]
-    with _fp8(model, all_names, config):
-        all_error = _error(_replay(model, calls), reference)
-    report = SensitivityReport(type(model).__name__, len(calls), all_error)
-    for group, names in tqdm(groups.items(), desc="Sensitivity", disable=not progress):
-        with _fp8(model, names, config):
-            error = _error(_replay(model, calls), reference)
-        weight_bytes = sum(model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in names)
-        report.groups.append(GroupDamage(group, names, error, weight_bytes))
-    report.groups.sort(key=lambda g: -g.error)
-    return report
+    return _sensitivity(model, calls, Fp8Config.coerce(config), progress)[0]
 
 
 def suggest(
@@ -217,8 +202,7 @@ def suggest(
     rest in FP8 stays within ``max_error``; ``report.ignored_layers`` are patterns for
     ``Fp8Config(ignored_layers=...)`` and ``omni-convert --ignored-layers``."""
     config = Fp8Config.coerce(config)
-    report = sensitivity(model, calls, config, progress=progress)
-    reference = _replay(model, calls)
+    report, reference = _sensitivity(model, calls, config, progress)
     kept: list[str] = []
     error = report.all_fp8_error
     for damage in report.groups:
@@ -226,10 +210,33 @@ def suggest(
             break
         kept.append(damage.group)
         names = [n for g in report.groups if g.group not in kept for n in g.linears]
-        with _fp8(model, names, config):
-            error = _error(_replay(model, calls), reference)
+        error = _error_with(model, calls, names, config, reference)
     report.ignored_layers, report.suggested_error, report.max_error = kept, error, max_error
     return report
+
+
+def _sensitivity(
+    model: nn.Module, calls: Sequence[Mapping[str, Any]], config: Fp8Config, progress: bool
+) -> tuple[SensitivityReport, list[torch.Tensor]]:
+    from tqdm.auto import tqdm
+
+    groups = candidates(model, config)
+    reference = _replay(model, calls)
+    all_error = _error_with(model, calls, [n for names in groups.values() for n in names], config, reference)
+    report = SensitivityReport(type(model).__name__, len(calls), all_error)
+    for group, names in tqdm(groups.items(), desc="Sensitivity", disable=not progress):
+        weights = [model.get_submodule(n).weight for n in names]
+        report.groups.append(GroupDamage(group, names, _error_with(model, calls, names, config, reference),
+                                         sum(w.numel() * w.element_size() for w in weights)))
+    report.groups.sort(key=lambda g: -g.error)
+    return report, reference
+
+
+def _error_with(model: nn.Module, calls: Sequence[Mapping[str, Any]], names: Sequence[str], config: Fp8Config,
+                reference: Sequence[torch.Tensor]) -> float:
+    """The output error with these Linears in FP8 (and the model restored afterwards)."""
+    with _fp8(model, names, config):
+        return _error(_replay(model, calls), reference)
 
 
 @contextmanager
