@@ -18,7 +18,7 @@ import click
 from .convert import DEFAULT_MAX_SHARD_SIZE, execute
 from .errors import OmniFp8Error
 from .manifest import read_manifest, verify
-from .options import Fp8Config, parse_size
+from .options import DEFAULT_MAX_ERROR, Fp8Config, parse_size
 from .plan import make_plan
 from .presets import available_presets
 from .source import MANIFEST_NAME, open_source
@@ -196,7 +196,7 @@ def verify_command(path: str, as_json: bool, quiet: bool) -> None:
 @click.option("--inputs", "inputs_path", metavar="FILE",
               help="Recorded transformer inputs (omni_fp8.save_inputs). Default: sample_inputs.safetensors "
                    "beside the transformer's weights.")
-@click.option("--max-error", type=float, default=None, show_default="0.065",
+@click.option("--max-error", type=float, default=DEFAULT_MAX_ERROR, show_default=True,
               help="Largest mean relative L2 error of the outputs against the unquantized model.")
 @click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
               help="Layers that stay high precision regardless (not measured).")
@@ -204,7 +204,7 @@ def verify_command(path: str, as_json: bool, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
-def suggest_command(src: str, inputs_path: str | None, max_error: float | None, ignored_layers: tuple[str, ...],
+def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored_layers: tuple[str, ...],
                     weight_block_size: str | None, as_json: bool, quiet: bool) -> None:
     """Measure each layer group's FP8 damage on recorded inputs and suggest --ignored-layers.
 
@@ -215,7 +215,7 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float | None, 
     from pathlib import Path
 
     from omni_fp8.runtime import load_transformer
-    from omni_fp8.runtime.sensitivity import DEFAULT_MAX_ERROR, load_inputs, suggest
+    from omni_fp8.runtime.sensitivity import load_inputs, suggest
 
     from .errors import SourceNotFoundError, UnsupportedSourceError
 
@@ -231,8 +231,7 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float | None, 
             "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
     config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size)
     model = load_transformer(src, progress=not quiet)
-    bound = DEFAULT_MAX_ERROR if max_error is None else max_error
-    report = suggest(model, load_inputs(path), config, max_error=bound, progress=not quiet)
+    report = suggest(model, load_inputs(path), config, max_error=max_error, progress=not quiet)
     patterns = [*config.ignored_layers, *report.ignored_layers]
     if as_json:
         _emit_json({**report.to_dict(), "patterns": patterns})

@@ -140,8 +140,9 @@ def quantize_activation(x: torch.Tensor, group_size: int | None = None) -> tuple
 
     The weight rule along the last dim: ``s = amax(|x|) / 448`` in float32 (1 for an all-zero
     row or group), ``q = RNE(clamp(x_fp32 / s))``. Returns ``q`` (shape of ``x``) and the scales,
-    ``[..., 1]`` per token or ``[..., ceil(K / group_size)]`` per group (the last one partial). Block-scaled weights pair with
-    per-group activations (groups of the weight's block width), as DeepSeek-style FP8 GEMMs do.
+    ``[..., 1]`` per token or ``[..., ceil(K / group_size)]`` per group (the last one partial).
+    Block-scaled weights pair with per-group activations (groups of the weight's block width), as
+    DeepSeek-style FP8 GEMMs do.
     Plain tensor ops: ``torch.compile`` fuses them into the op that produced ``x``, and every
     device computes the same bits.
     """
@@ -150,8 +151,7 @@ def quantize_activation(x: torch.Tensor, group_size: int | None = None) -> tuple
     if group_size is not None:  # [..., G, group]; a partial last group is padded with zeros
         groups = -(-k // group_size)
         x32 = torch.nn.functional.pad(x32, (0, groups * group_size - k)).unflatten(-1, (groups, group_size))
-    amax = x32.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax == 0, torch.ones_like(amax), _divide(amax, FP8_MAX))
+    scale = _scale_from_amax(x32.abs().amax(dim=-1, keepdim=True))
     q = (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     if group_size is None:
         return q, scale

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +37,8 @@ __all__ = [
     "compile_patterns",
     "LinearDecision",
     "plan_linears",
+    "decide_linears",
+    "LinearPlan",
     "linear_shapes",
     "dtype_read_linears",
     "meta_model",
@@ -164,6 +166,27 @@ def _unmatched_message(pattern: str, shapes: Mapping[str, Any], class_name: str)
         f"ignored_layers pattern {pattern!r} matches no Linear layer of {class_name}; {hint}. "
         "A plain pattern matches whole name components (img_mlp, attn.to_q); 're:' takes a regex."
     )
+
+
+class LinearPlan(NamedTuple):
+    """Every Linear of a model decided: shapes, decisions, and the preset and patterns behind them."""
+
+    shapes: dict[str, tuple[int, int]]
+    decisions: dict[str, LinearDecision]
+    preset: Preset | None
+    ignored_layers: tuple[str, ...]
+
+
+def decide_linears(model: nn.Module, config: Fp8Config, *, class_name: str | None = None) -> LinearPlan:
+    """The decisions for ``model`` under ``config``: the preset of its class, the patterns,
+    alignment and the layers whose dtype its forward reads. The converter, the loader,
+    ``quantize_`` and the sensitivity study all decide through here."""
+    class_name = class_name or type(model).__name__
+    preset = resolve_preset(config.preset, class_name)
+    ignored = tuple(dict.fromkeys((*(preset.ignored_layers if preset else ()), *config.ignored_layers)))
+    shapes = linear_shapes(model)
+    decisions = plan_linears(shapes, config, ignored, class_name=class_name, dtype_read=dtype_read_linears(model))
+    return LinearPlan(shapes, decisions, preset, ignored)
 
 
 # ``self.mlp[0].weight.dtype`` and the like, in a module's forward.
@@ -408,11 +431,8 @@ def make_plan(
     config = Fp8Config.coerce(config)
     if dtype is not None and dtype not in HIGH_PRECISION_DTYPES:
         raise ConfigError(f"dtype {dtype} is not a high-precision float dtype; use bf16, fp16 or fp32.")
-    preset = resolve_preset(config.preset, source.class_name)
-    ignored = tuple(dict.fromkeys((*(preset.ignored_layers if preset else ()), *config.ignored_layers)))
     model = model if model is not None else meta_model(source.class_name, source.config)
-    shapes = linear_shapes(model)
-    decisions = plan_linears(shapes, config, ignored, class_name=source.class_name, dtype_read=dtype_read_linears(model))
+    shapes, decisions, preset, ignored = decide_linears(model, config, class_name=source.class_name)
 
     infos = {t.name: t for t in source.tensors}
     weight_of = {f"{name}.weight": name for name in shapes}

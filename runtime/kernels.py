@@ -58,10 +58,7 @@ def _probe(device: torch.device, block_size: tuple[int, int] | None) -> Callable
     w = (torch.randn(n, k, device=device) / 16).to(FP8_DTYPE)
     bias = torch.randn(n, device=device, dtype=torch.bfloat16)
     scale = torch.ones((n // 128, k // 128) if block_size else (), device=device)
-    group = None if block_size is None else block_size[1]
-    xq, xs = quantize_activation(x, group)
-    if group is not None:
-        xs = xs.t().contiguous().t()
+    xq, xs = _quantize_for_gemm_reference(x, None if block_size is None else block_size[1])
     expected = x.float() @ w.float().t() + bias.float()
     candidates = [_rowwise_mm] if block_size is None else [
         _blockwise_v2, _blockwise_v1, _bias_after(_blockwise_v2), _bias_after(_blockwise_v1)]
@@ -175,6 +172,11 @@ def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, group: int | None) -> tu
 def _quantize_for_gemm(x2: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if HAVE_TRITON and x2.is_cuda and not torch.compiler.is_compiling():
         return quantize_activation_cuda(x2, group or 0, 1 if group is None else _BLOCK_ROWS)
+    return _quantize_for_gemm_reference(x2, group)
+
+
+def _quantize_for_gemm_reference(x2: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference numerics, scales laid out for the GEMM (what Inductor compiles and fuses)."""
     q, s = quantize_activation(x2, group)
     if group is not None:
         s = s.t().contiguous().t()  # column-major [M, K/128], as the block-scaled GEMM wants
@@ -195,9 +197,27 @@ def _rowwise_mm(xq, xs, weight, gemm_scale, bias):
 def _blockwise_mm(xq, xs, weight, gemm_scale, bias):
     if torch.compiler.is_compiling():
         return torch.ops.omni_fp8.scaled_mm_blockwise(xq, xs, weight, gemm_scale, bias)
-    # Eager: the probed GEMM directly (rows already padded by the quantizer); going through the
-    # custom op's dispatcher would add its cost to every Linear's host time.
-    return _probe(xq.device, CUBLAS_BLOCK)(xq, xs, weight, gemm_scale, bias)
+    # Eager: directly, since the custom op's dispatcher would add to every Linear's host time.
+    return _blockwise_padded(xq, xs, weight, gemm_scale, bias)
+
+
+def _blockwise_padded(xq, xs, weight, gemm_scale, bias):
+    """The probed block-scaled GEMM, rows padded to a multiple of 16 first if they are not.
+
+    cuBLASLt has no block-scaled kernel for other row counts (seen on H200, CUDA 13). The eager
+    quantizer pads in its own launch; otherwise (torch.compile, no Triton) rows are padded here
+    with zeros (scale 1) and dropped again.
+    """
+    mm = _probe(xq.device, CUBLAS_BLOCK)
+    m = xq.shape[0]
+    if m % _BLOCK_ROWS == 0:
+        return mm(xq, xs, weight, gemm_scale, bias)
+    padded = -(-m // _BLOCK_ROWS) * _BLOCK_ROWS
+    xq_p = torch.zeros((padded, xq.shape[1]), dtype=xq.dtype, device=xq.device)
+    xq_p[:m] = xq
+    xs_p = torch.ones((xs.shape[1], padded), dtype=xs.dtype, device=xs.device).t()  # column-major
+    xs_p[:m] = xs
+    return mm(xq_p, xs_p, weight, gemm_scale, bias)[:m].contiguous()
 
 
 def _blockwise_v1(xq, xs, weight, gemm_scale, bias):
@@ -231,29 +251,16 @@ def _scaling_type(*names: str) -> int:
 
 _RECIPE_1x128 = _scaling_type("BlockWise1x128", "Blockwise_1x128")
 _RECIPE_128x128 = _scaling_type("BlockWise128x128", "Blockwise_128x128")
-_BLOCK_ROWS = 16  # cuBLASLt's block-scaled FP8 GEMM has no kernel for other row counts (H200, CUDA 13)
+_BLOCK_ROWS = 16  # cuBLASLt's block-scaled FP8 GEMM wants M a multiple of 16 (see _blockwise_padded)
 
 
 @torch.library.custom_op("omni_fp8::scaled_mm_blockwise", mutates_args=())
 def _scaled_mm_blockwise(
     xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gemm_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """DeepSeek-style 1x128 / 128x128 block-scaled FP8 GEMM, BF16 out, ``M x N`` for ``M`` rows in.
-
-    A custom op because ``torch.compile`` cannot trace the GEMM's newer entry point (torch 2.11).
-    Rows come padded to a multiple of 16 from the eager quantizer; under ``torch.compile`` they
-    are padded here (zeros, scale 1) and dropped again.
-    """
-    mm = _probe(xq.device, CUBLAS_BLOCK)
-    m = xq.shape[0]
-    if m % _BLOCK_ROWS:
-        padded = -(-m // _BLOCK_ROWS) * _BLOCK_ROWS
-        xq_p = torch.zeros((padded, xq.shape[1]), dtype=xq.dtype, device=xq.device)
-        xq_p[:m] = xq
-        xs_p = torch.ones((xs.shape[1], padded), dtype=xs.dtype, device=xs.device).t()  # column-major
-        xs_p[:m] = xs
-        return mm(xq_p, xs_p, weight, gemm_scale, bias)[:m].contiguous()
-    return mm(xq, xs, weight, gemm_scale, bias)
+    """``_blockwise_padded`` as a custom op: ``torch.compile`` cannot trace the GEMM's newer entry
+    point (torch 2.11), so it sees this op and its fake implementation instead."""
+    return _blockwise_padded(xq, xs, weight, gemm_scale, bias)
 
 
 @_scaled_mm_blockwise.register_fake

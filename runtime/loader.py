@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 from omni_fp8.converter.errors import ConfigError, ModelMismatchError, UnsupportedSourceError
 from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, quantize_weight
 from omni_fp8.converter.options import Fp8Config, parse_block_size
-from omni_fp8.converter.plan import KEPT, dtype_read_linears, empty_model, linear_shapes, make_plan, plan_linears
-from omni_fp8.converter.presets import resolve_preset
+from omni_fp8.converter.plan import KEPT, decide_linears, empty_model, linear_shapes, make_plan
 from omni_fp8.converter.source import Source, open_source
 
 from .fp8_linear import Fp8Linear
@@ -219,10 +218,7 @@ def _check_agrees(
             f"{where}: quantization_config asks for weight_block_size {explicit.weight_block_size} but the folder "
             f"was converted with {block}; omit quantization_config to load it as converted, or convert again."
         )
-    shapes = linear_shapes(model)
-    preset = resolve_preset(explicit.preset, source.class_name)
-    patterns = (*(preset.ignored_layers if preset else ()), *explicit.ignored_layers)
-    wanted = plan_linears(shapes, explicit, patterns, class_name=source.class_name, dtype_read=dtype_read_linears(model))
+    wanted = decide_linears(model, explicit, class_name=source.class_name).decisions
     differ = [m for m, d in wanted.items() if (d.scheme == KEPT) != (schemes[m] == KEPT)]
     if differ:
         first = differ[0]

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from omni_fp8.converter.options import Fp8Config
-from omni_fp8.converter.plan import dtype_read_linears, linear_shapes, plan_linears
-from omni_fp8.converter.presets import resolve_preset
+from omni_fp8.converter.plan import decide_linears
 
 from .fp8_linear import Fp8Linear
 
@@ -35,12 +34,7 @@ def quantize_(
     Weights are quantized where they are (a GPU model is quantized on the GPU, with the same bits).
     """
     config = Fp8Config.coerce(config)
-    class_name = type(model).__name__
-    preset = resolve_preset(config.preset, class_name)
-    patterns = (*(preset.ignored_layers if preset else ()), *config.ignored_layers)
-    decisions = plan_linears(
-        linear_shapes(model), config, patterns, class_name=class_name, dtype_read=dtype_read_linears(model)
-    )
+    decisions = decide_linears(model, config).decisions
     with torch.no_grad():
         for name, decision in decisions.items():
             if not decision.quantized:

@@ -1,6 +1,6 @@
 """Which layers can take FP8: one group of Linears at a time, measured on the model's own inputs.
 
-    >>> report = suggest(transformer, load_inputs("inputs.safetensors"), max_error=0.05)  # doctest: +SKIP
+    >>> report = suggest(transformer, load_inputs("inputs.safetensors"))  # doctest: +SKIP
     >>> print(report.table()); report.ignored_layers  # doctest: +SKIP
 
 ``sensitivity`` quantizes one group of Linears (a block's attention, each MLP, the modulation,
@@ -10,7 +10,8 @@ precision, greedily, until the whole model's error passes a bound.
 
 Recorded inputs are a safetensors file (``save_inputs`` / ``load_inputs``): for forward call
 ``i``, tensor keyword arguments as ``"{i:05d}.{name}"`` and the other JSON-able ones (lists of
-image shapes, flags) in the metadata, under ``"omni-fp8-inputs"``. Record them from a real
+image shapes, flags; tuples written as ``{"__tuple__": [...]}``) in the metadata, under
+``"omni-fp8-inputs"``. Record them from a real
 pipeline run with ``record_inputs``:
 
     >>> with record_inputs(pipe.transformer) as calls:  # doctest: +SKIP
@@ -20,6 +21,7 @@ pipeline run with ``record_inputs``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,17 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from omni_fp8.converter.options import Fp8Config
-from omni_fp8.converter.plan import dtype_read_linears, linear_shapes, plan_linears
+from omni_fp8.converter.options import DEFAULT_MAX_ERROR, Fp8Config
+from omni_fp8.converter.plan import decide_linears
 
 from .fp8_linear import Fp8Linear
 
 INPUTS_FORMAT = "omni-fp8-inputs"
 INPUTS_VERSION = 1
-# Between the lab DiT's output error with every Linear in FP8 (0.049; its images pass the quality
-# gate) and with the gate's failing controls (0.088 for 4-bit weights, 0.096 for E5M2 W8A8):
-# their geometric mean (bench/RESULTS.md, "Quality lab").
-DEFAULT_MAX_ERROR = 0.065
 
 __all__ = [
     "save_inputs", "load_inputs", "record_inputs", "sensitivity", "suggest", "SensitivityReport",
@@ -60,7 +58,7 @@ def save_inputs(path: str | os.PathLike[str], calls: Sequence[Mapping[str, Any]]
             if isinstance(value, torch.Tensor):
                 tensors[f"{i:05d}.{name}"] = value.detach().to("cpu").clone()  # calls may share a tensor
             else:
-                rest[name] = value
+                rest[name] = _encode(value)
         other.append(rest)
     meta = {"format": INPUTS_FORMAT, "format_version": INPUTS_VERSION, "calls": len(calls), "other": other}
     save_file(tensors, os.fspath(path), metadata={INPUTS_FORMAT: json.dumps(meta)})
@@ -82,14 +80,32 @@ def load_inputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if meta.get("format_version") != INPUTS_VERSION:
             raise CorruptCheckpointError(f"{path}: recorded-inputs format_version {meta.get('format_version')!r} "
                                          f"is not {INPUTS_VERSION}; upgrade omni-fp8.", path=path)
-        calls = [dict(other) for other in meta["other"]]
+        calls = [{name: _decode(value) for name, value in other.items()} for other in meta["other"]]
         for key in f.keys():
             index, _, name = key.partition(".")
             calls[int(index)][name] = f.get_tensor(key)
-    for call in calls:  # JSON turns tuples into lists; shapes are compared as tuples downstream
-        if "img_shapes" in call:
-            call["img_shapes"] = [[tuple(s) for s in shapes] for shapes in call["img_shapes"]]
     return calls
+
+
+def _encode(value: Any) -> Any:
+    """JSON for a non-tensor argument, tuples kept apart from lists (``img_shapes`` holds tuples)."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
 
 
 @contextmanager
@@ -100,8 +116,7 @@ def record_inputs(transformer: torch.nn.Module) -> Iterator[list[dict[str, Any]]
     def hook(module, args, kwargs):
         if args:
             raise TypeError("record_inputs needs the transformer called with keyword arguments, as diffusers does")
-        calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()
-                      if k != "attention_kwargs" or v})
+        calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -165,8 +180,7 @@ def group_of(linear_name: str) -> str:
 
 def candidates(model: nn.Module, config: Fp8Config) -> dict[str, list[str]]:
     """Groups of the Linears FP8 could take under ``config`` (its patterns, no preset)."""
-    decisions = plan_linears(linear_shapes(model), config, config.ignored_layers,
-                             class_name=type(model).__name__, dtype_read=dtype_read_linears(model))
+    decisions = decide_linears(model, dataclasses.replace(config, preset="none")).decisions
     groups: dict[str, list[str]] = {}
     for name, decision in decisions.items():
         if decision.quantized:

@@ -1,13 +1,13 @@
 """The Triton kernels: activation quantization in one launch, and an FP8-weight GEMV for few rows.
 
 ``numerics.quantize_activation`` written in plain torch launches about seven kernels per call
-(upcast, abs, amax, where, divide, clamp, cast); in eager mode their launch cost alone eats the
-FP8 speedup (35 us per Linear measured on H100, whatever the size). This kernel reads each row
-once and writes the FP8 row and its scale(s): one launch, same bits (divisions rounded to nearest,
-as torch's are; the float32 -> E4M3 cast is round-to-nearest-even and saturating, after the clamp).
+(upcast, abs, amax, where, divide, clamp, cast), each one more launch per Linear in eager mode.
+This kernel reads each row once and writes the FP8 row and its scale(s): one launch, same bits
+(divisions rounded to nearest, as torch's are; the float32 -> E4M3 cast is round-to-nearest-even
+and saturating, after the clamp). Under ``torch.compile`` the plain-torch version is used
+instead, so Inductor fuses it into the op that produced the activations.
 
-Under ``torch.compile`` the plain-torch version is used instead, so Inductor can fuse it into the
-op that produced the activations; the custom op's fake implementation still lets it be traced.
+The GEMV is also a custom op with a fake implementation, so compiled graphs can call it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from omni_fp8.converter.numerics import FP8_DTYPE, FP8_MAX
 
-__all__ = ["HAVE_TRITON", "quantize_activation_cuda", "quantize_activation_triton", "fp8_weight_gemv", "gemv_supports", "GEMV_MAX_ROWS"]
+__all__ = ["HAVE_TRITON", "quantize_activation_cuda", "fp8_weight_gemv", "gemv_supports", "GEMV_MAX_ROWS"]
 
 try:
     import triton
@@ -90,9 +90,7 @@ def quantize_activation_cuda(
 
     Per-group scales come back column-major (strides ``(1, M)``), the layout the block-scaled
     GEMM takes; their values equal the reference's. ``pad_rows_to`` rounds the row count up with
-    zero rows (scale 1) in the same launch. Called directly in eager mode (a custom op's dispatch
-    would add to every Linear's launch cost); ``quantize_activation_triton`` is the same as a
-    traceable op.
+    zero rows (scale 1) in the same launch.
     """
     m, k = x.shape
     rows = -(-m // pad_rows_to) * pad_rows_to
@@ -157,22 +155,6 @@ def fp8_weight_gemv(
 def _launch_shape(group: int) -> tuple[int, int]:
     block = triton.next_power_of_2(group)
     return block, max(1, min(16, block // 256))
-
-
-@torch.library.custom_op("omni_fp8::quantize_activation", mutates_args=())
-def quantize_activation_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_activation_cuda`` as a custom op, so ``torch.compile`` can trace a call to it."""
-    q, s = quantize_activation_cuda(x, group_size)
-    return q, s.clone()  # a custom op's outputs may not share storage; the scales are small
-
-
-@quantize_activation_triton.register_fake
-def _(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k = x.shape
-    groups = -(-k // (k if group_size == 0 else group_size))
-    shape, strides = _scale_layout(m, groups, group_size)
-    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    return q, torch.empty_strided(shape, strides, dtype=torch.float32, device=x.device)
 
 
 @torch.library.custom_op("omni_fp8::fp8_weight_gemv", mutates_args=())

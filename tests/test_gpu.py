@@ -26,21 +26,19 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("m,k", [(1, 3072), (7, 64), (4096, 3072), (333, 12288), (256, 3584)])
 @pytest.mark.parametrize("group", [None, 128])
 def test_triton_activation_quantization_is_bit_exact(m, k, group):
-    from omni_fp8.runtime.triton_kernels import HAVE_TRITON, quantize_activation_triton
+    from omni_fp8.runtime.triton_kernels import HAVE_TRITON, quantize_activation_cuda
 
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     torch.manual_seed(m + k)
     x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(torch.bfloat16)
     x[0, :] = 0  # an all-zero token gets scale 1
-    q, s = quantize_activation_triton(x, group or 0)
+    q, s = quantize_activation_cuda(x, group or 0)
     ref_q, ref_s = quantize_activation(x.cpu(), group)
     assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(s.cpu(), ref_s)
     if group:
         assert s.stride() == (1, m)  # column-major, as the block-scaled GEMM takes it
-        from omni_fp8.runtime.triton_kernels import quantize_activation_cuda
-
         qp, sp = quantize_activation_cuda(x, group, pad_rows_to=16)  # rows padded in the same launch
         rows = -(-m // 16) * 16
         assert qp.shape == (rows, k) and sp.shape == (rows, s.shape[1]) and sp.stride() == (1, rows)

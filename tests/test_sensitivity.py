@@ -119,3 +119,12 @@ def test_cli_suggest_errors(qwen_src, tmp_path):
     CliRunner().invoke(main, ["convert", str(qwen_src), str(tmp_path / "fp8"), "--quiet"])
     result = CliRunner().invoke(main, ["suggest", str(tmp_path / "fp8")])
     assert result.exit_code == 1 and "already quantized; suggest measures the high-precision checkpoint" in result.stderr
+
+
+def test_inputs_from_a_newer_format_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"00000.x": torch.ones(1)}, tmp_path / "in.safetensors",
+              metadata={"omni-fp8-inputs": json.dumps({"format_version": 99, "other": [{}]})})
+    with pytest.raises(CorruptCheckpointError, match="recorded-inputs format_version 99 is not 1; upgrade omni-fp8"):
+        load_inputs(tmp_path / "in.safetensors")

@@ -93,11 +93,10 @@ def velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: tor
 
 @torch.no_grad()
 def sample(transformer: nn.Module, text: torch.Tensor, seeds: list[int], *, steps: int = 20,
-           dtype: torch.dtype = torch.bfloat16, record: list | None = None) -> torch.Tensor:
+           dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Euler sampling of the rectified flow from t=1 (noise) to 0; images [N, 1, 32, 32].
 
-    Each seed draws its own noise, so any subset of samples is reproducible. ``record``, if
-    given, receives the transformer's inputs at every step (for sensitivity studies).
+    Each seed draws its own noise, so any subset of samples is reproducible.
     """
     noise = torch.stack([torch.randn(GRID * GRID, PATCH * PATCH, generator=torch.Generator().manual_seed(s)) for s in seeds])
     x = noise.to(dtype)
@@ -105,8 +104,6 @@ def sample(transformer: nn.Module, text: torch.Tensor, seeds: list[int], *, step
     ts = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
         t = torch.full((x.shape[0],), float(ts[i]), dtype=dtype)
-        if record is not None:
-            record.append({"hidden_states": x.clone(), "encoder_hidden_states": text, "timestep": t})
         v = velocity(transformer, x, t, text).to(torch.float32)
         x = (x.to(torch.float32) + (ts[i + 1] - ts[i]) * v).to(dtype)
     return from_tokens(x.to(torch.float32)).clamp(-1, 1)
@@ -218,8 +215,3 @@ def _sqrtm(m: torch.Tensor) -> torch.Tensor:
 def seeds_and_labels(n: int) -> tuple[list[int], torch.Tensor]:
     """The fixed evaluation set: n (seed, class) pairs, classes in turn."""
     return list(range(1000, 1000 + n)), torch.arange(n) % len(CLASSES)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
