@@ -1,8 +1,9 @@
 """The converter: source -> plan -> FP8 numerics -> shards, index and manifest.
 
-Each stage is one module: ``source`` (folders, header validation), ``plan`` (which tensors, which
-scheme, why), ``numerics`` (the only FP8 math), ``writer`` (streamed shards, atomic publish),
-``manifest`` (what was written, and ``verify``), ``convert`` (the job), ``cli`` (``omni-convert``).
+Each stage is one module: ``source`` (folders, the Hugging Face cache, header validation),
+``plan`` (which tensors, which scheme, why), ``numerics`` (the only FP8 math), ``writer``
+(streamed shards, index), ``manifest`` (what was written, and ``verify``), ``output`` (what may be
+replaced, staging, atomic publish), ``convert`` (the job), ``cli`` (``omni-convert``).
 """
 
 from .convert import ConversionResult, convert

@@ -16,14 +16,14 @@ from typing import Any
 import click
 
 from .convert import DEFAULT_MAX_SHARD_SIZE, execute
-from .errors import OmniFp8Error
+from .errors import ConfigError, OmniFp8Error
 from .manifest import read_manifest, verify
-from .options import DEFAULT_MAX_ERROR, Fp8Config, parse_size
+from .options import DEFAULT_MAX_ERROR, Fp8Config, parse_dtype, parse_size
 from .plan import make_plan
 from .presets import available_presets
 from .source import MANIFEST_NAME, open_source
 
-_DTYPES = {"keep": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_DTYPES = ("keep", "bf16", "fp16", "fp32")
 
 
 def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,15 +34,21 @@ def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
             return command(*args, **kwargs)
-        except (OmniFp8Error, OSError) as e:
-            if debug:
-                raise
-            message = str(e) if isinstance(e, OmniFp8Error) else f"{type(e).__name__}: {e}"
-            click.echo(f"error: {message}", err=True)
-            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was published", err=True)
             sys.exit(130)
+        except Exception as e:
+            if debug or isinstance(e, click.exceptions.ClickException):
+                raise
+            if isinstance(e, OmniFp8Error):
+                message = str(e)
+            elif isinstance(e, OSError):
+                message = f"{type(e).__name__}: {e}"
+            else:  # never a traceback by default, but say plainly that this one is ours to fix
+                message = (f"unexpected {type(e).__name__}: {e} (a bug in omni-fp8: please report it with the "
+                           "output of --debug)")
+            click.echo(f"error: {' '.join(message.split())}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -81,11 +87,7 @@ def _config(preset: str | None, ignored_layers: tuple[str, ...], weight_block_si
 
 
 def _torch_dtype(name: str) -> Any:
-    if _DTYPES[name] is None:
-        return None
-    import torch
-
-    return getattr(torch, _DTYPES[name])
+    return parse_dtype(name)
 
 
 def _emit_json(value: Any) -> None:
@@ -148,6 +150,14 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
 
     folder = Path(path)
     if (folder / MANIFEST_NAME).is_file():
+        given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
+                                          ("--weight-block-size", weight_block_size),
+                                          ("--activation-scheme", activation_scheme != "dynamic"),
+                                          ("--dtype", dtype != "keep")) if value]
+        if given:
+            raise ConfigError(
+                f"{folder}: is a converted folder, shown as it was made; {', '.join(given)} only shape the plan "
+                "for a high-precision source. Drop them, or inspect the source instead.")
         manifest = read_manifest(folder)
         if as_json:
             _emit_json(folder_json(folder, manifest))
@@ -196,7 +206,8 @@ def verify_command(path: str, as_json: bool, quiet: bool) -> None:
 @click.option("--inputs", "inputs_path", metavar="FILE",
               help="Recorded transformer inputs (omni_fp8.save_inputs). Default: sample_inputs.safetensors "
                    "beside the transformer's weights.")
-@click.option("--max-error", type=float, default=DEFAULT_MAX_ERROR, show_default=True,
+@click.option("--max-error", type=click.FloatRange(min=0, min_open=True, max=1e6), default=DEFAULT_MAX_ERROR,
+              show_default=True,
               help="Largest mean relative L2 error of the outputs against the unquantized model.")
 @click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
               help="Layers that stay high precision regardless (not measured).")
@@ -219,6 +230,8 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
 
     from .errors import SourceNotFoundError, UnsupportedSourceError
 
+    if max_error != max_error:  # NaN passes every range check
+        raise ConfigError("--max-error nan is not a number; give a bound such as 0.065.")
     source = open_source(src, allow_quantized=True)
     if "quantization_config" in source.config:
         raise UnsupportedSourceError(
@@ -230,8 +243,9 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
             f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
             "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
     config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size)
+    calls = load_inputs(path)  # before the model: a bad inputs file should not cost a load
     model = load_transformer(src, progress=not quiet)
-    report = suggest(model, load_inputs(path), config, max_error=max_error, progress=not quiet)
+    report = suggest(model, calls, config, max_error=max_error, progress=not quiet)
     patterns = [*config.ignored_layers, *report.ignored_layers]
     if as_json:
         _emit_json({**report.to_dict(), "patterns": patterns})

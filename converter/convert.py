@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Mapping
@@ -20,22 +21,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import OmniFp8Error, OutputWriteError, SourceReadError
 from .manifest import build_manifest
-from .options import Fp8Config, parse_size
+from .options import Fp8Config, parse_path, parse_size
 from .plan import Plan, make_plan
 from .report import size_text
 from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, open_source
-from .writer import (
-    FileRecord,
-    carry_over,
-    check_output,
-    hash_file,
-    publish,
-    staging_folder,
-    write_index,
-    write_json,
-    write_shards,
-)
+from .output import check_output, publish, staging_folder
+from .writer import FileRecord, carry_over, hash_file, write_index, write_json, write_shards
 
 __all__ = ["convert", "execute", "ConversionResult", "DEFAULT_MAX_SHARD_SIZE"]
 
@@ -129,39 +122,80 @@ def execute(
     start = time.perf_counter() if started is None else started
     limit = parse_size(max_shard_size)
     source = plan.source
-    out = Path(out).expanduser().absolute()
-    check_output(out, source.root, force=force)
+    out = parse_path(out, what="the output").absolute()
+    passthrough = source.passthrough_files()  # walks (and vets) the source before anything is written
+    existing = check_output(out, source.root, force=force)
     component = source.subfolder
     prefix = f"{component}/" if component else ""
 
     with staging_folder(out) as staging:
-        carried = {rel: carry_over(source.root / rel, staging / rel) for rel in source.passthrough_files()}
-        model_out = staging / component
-        model_out.mkdir(parents=True, exist_ok=True)
-
-        with tqdm(total=plan.source_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress) as bar:
-            records, weight_map = write_shards(
-                plan, model_out, max_shard_size=limit, on_tensor=lambda t: bar.update(t.source.nbytes)
-            )
-        files: dict[str, FileRecord] = {prefix + name: rec for name, rec in records.items()}
-        files[prefix + INDEX_NAME] = write_index(model_out, weight_map, plan.output_bytes)
-        config = dict(source.config)
-        config["quantization_config"] = plan.quantization_config()
-        files[prefix + CONFIG_NAME] = write_json(model_out / CONFIG_NAME, config)
-
-        carried_bytes = sum((staging / rel).stat().st_size for rel in carried)
-        with tqdm(total=carried_bytes, unit="B", unit_scale=True, desc="Hashing carried-over files",
-                  disable=not progress or carried_bytes < (256 << 20)) as bar:
-            for rel in carried:
-                files[rel] = hash_file(staging / rel)
-                bar.update(files[rel].size)
-
-        seconds = time.perf_counter() - start
-        manifest = build_manifest(
-            plan, component=component, weight_map=weight_map, files=files, carried=carried, seconds=seconds
-        )
-        write_json(staging / MANIFEST_NAME, manifest)  # last: its presence means "complete"
-        publish(staging, out)
+        try:
+            manifest = _write(plan, staging, passthrough, component, prefix, limit, progress, start)
+        except OSError as e:
+            if isinstance(e, OmniFp8Error):
+                raise
+            raise _os_error(e, staging, out, plan) from e
+        publish(staging, out, existing)
     return ConversionResult(output=out, manifest=manifest, seconds=time.perf_counter() - start)
 
 
+def _write(
+    plan: Plan, staging: Path, passthrough: list[str], component: str, prefix: str, limit: int, progress: bool,
+    start: float,
+) -> dict[str, Any]:
+    """Everything a converted folder holds, written into ``staging``, manifest last."""
+    source = plan.source
+    carried = {rel: carry_over(source.root / rel, staging / rel) for rel in passthrough}
+    model_out = staging / component
+    model_out.mkdir(parents=True, exist_ok=True)
+
+    with tqdm(total=plan.source_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress) as bar:
+        records, weight_map = write_shards(
+            plan, model_out, max_shard_size=limit, on_tensor=lambda t: bar.update(t.source.nbytes)
+        )
+    files: dict[str, FileRecord] = {prefix + name: rec for name, rec in records.items()}
+    files[prefix + INDEX_NAME] = write_index(model_out, weight_map, plan.output_bytes)
+    config = dict(source.config)
+    config["quantization_config"] = plan.quantization_config()
+    files[prefix + CONFIG_NAME] = write_json(model_out / CONFIG_NAME, config)
+
+    carried_bytes = sum((staging / rel).stat().st_size for rel in carried)
+    with tqdm(total=carried_bytes, unit="B", unit_scale=True, desc="Hashing carried-over files",
+              disable=not progress or carried_bytes < (256 << 20)) as bar:
+        for rel in carried:
+            files[rel] = hash_file(staging / rel)
+            bar.update(files[rel].size)
+
+    seconds = time.perf_counter() - start
+    manifest = build_manifest(
+        plan, component=component, weight_map=weight_map, files=files, carried=carried, seconds=seconds
+    )
+    write_json(staging / MANIFEST_NAME, manifest)  # last: its presence means "complete"
+    return manifest
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: "the disk is full; free at least {need} there, or choose another disk",
+    errno.EDQUOT: "the disk quota is exhausted; free at least {need}, or choose another disk",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f) or the filesystem allows; "
+                 "lower --max-shard-size or raise the limit",
+    errno.EACCES: "no permission to write there; choose another folder",
+    errno.EPERM: "no permission to write there; choose another folder",
+    errno.EROFS: "the filesystem is read-only; choose another folder",
+}
+
+
+def _os_error(e: OSError, staging: Path, out: Path, plan: Plan) -> OmniFp8Error:
+    """One line for an I/O failure, naming the user's paths (never the hidden staging folder)."""
+    names = [Path(os.fsdecode(f)) for f in (e.filename, e.filename2) if f]
+    written = [n for n in names if staging in (n, *n.parents)]
+    name = names[0] if names else None
+    why = e.strerror or str(e)
+    if written or (name is None and e.errno in _WRITE_HINTS):
+        rel = written[0].relative_to(staging).as_posix() if written else "the output"
+        hint = _WRITE_HINTS.get(e.errno, "").format(need=size_text(plan.output_bytes))
+        return OutputWriteError(
+            f"{out}: writing {rel} failed: {why}{'; ' + hint if hint else ''}. Nothing was published.", path=out
+        )
+    where = name if name is not None else plan.source.root
+    return SourceReadError(f"{where}: reading the source failed: {why}; nothing was published.", path=where)

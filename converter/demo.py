@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import OmniFp8Error
+
 __all__ = ["tiny_qwen_image", "tiny_z_image", "save_checkpoint", "run_demo"]
 
 TINY_QWEN_IMAGE: dict[str, Any] = {
@@ -88,20 +90,19 @@ def run_demo(out: str | Path, *, force: bool = False, progress: bool = True) -> 
     from .convert import convert
     from .errors import OutputExistsError
     from .numerics import dequantize_weight
-    from .source import MANIFEST_NAME
+    from .writer import hash_file, write_json
 
     out = Path(out)
     src, dst = out / "qwen-image-tiny-bf16", out / "qwen-image-tiny-fp8"
-    if out.exists():
+    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise OutputExistsError(f"{out}: already exists; pass --force to replace it.", path=out)
-        if any(out.iterdir()) and not (dst / MANIFEST_NAME).is_file():
-            raise OutputExistsError(
-                f"{out}: exists and is not an earlier demo output; choose another folder.", path=out
-            )
+        _check_earlier_demo(out)
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(tiny_qwen_image(), src)
+    record = {"files": {f"{src.name}/{p.name}": hash_file(p).to_dict() for p in sorted(src.iterdir())}}
+    write_json(out / _DEMO_RECORD, record)
     result = convert(src, dst, progress=progress)
 
     errors = []
@@ -123,6 +124,37 @@ def run_demo(out: str | Path, *, force: bool = False, progress: bool = True) -> 
         "weight_rel_l2_max": max(errors),
         "weight_rel_l2_mean": sum(errors) / len(errors),
     }
+
+
+_DEMO_RECORD = ".omni-fp8-demo.json"
+
+
+def _check_earlier_demo(out: Path) -> None:
+    """``--force`` deletes ``out`` only if the demo wrote every file in it (its record says which)."""
+    from .errors import OutputExistsError
+    from .manifest import read_manifest
+    from .output import unlisted_files
+    from .source import read_json
+
+    def refuse(why: str) -> OutputExistsError:
+        return OutputExistsError(
+            f"{out}: exists and is not an earlier demo output ({why}); nothing was deleted. Choose another folder.",
+            path=out,
+        )
+
+    if out.is_symlink() or not out.is_dir() or not (out / _DEMO_RECORD).is_file():
+        raise refuse(f"it has no {_DEMO_RECORD}")
+    try:
+        listed = dict(read_json(out / _DEMO_RECORD, "the demo record")["files"])
+        fp8 = out / "qwen-image-tiny-fp8"
+        if fp8.exists():
+            listed.update({f"{fp8.name}/{rel}": None for rel in read_manifest(fp8)["files"]})
+            listed[f"{fp8.name}/fp8_manifest.json"] = None
+    except (OmniFp8Error, KeyError, TypeError, ValueError) as e:
+        raise refuse("its records are damaged") from e
+    extra = [rel for rel in unlisted_files(out, listed) if rel != _DEMO_RECORD]
+    if extra:
+        raise refuse(f"it holds files the demo did not write: {', '.join(extra[:3])}")
 
 
 def _load_folder(folder: Path) -> dict[str, torch.Tensor]:

@@ -16,11 +16,15 @@ __all__ = [
     "UnsupportedSourceError",
     "PickleCheckpointError",
     "CorruptCheckpointError",
+    "CorruptScaleError",
+    "SourceReadError",
     "ModelMismatchError",
     "ConfigError",
     "PatternMatchError",
     "NonFiniteWeightError",
+    "DtypeRangeError",
     "OutputExistsError",
+    "OutputWriteError",
     "VerificationError",
 ]
 
@@ -49,6 +53,14 @@ class CorruptCheckpointError(OmniFp8Error, ValueError):
     """A safetensors file or index that is truncated, malformed or inconsistent."""
 
 
+class CorruptScaleError(CorruptCheckpointError):
+    """A stored FP8 scale that is not finite and positive, or an FP8 weight holding NaN codes."""
+
+
+class SourceReadError(OmniFp8Error, OSError):
+    """Reading the source failed part-way (an I/O error, a file that vanished)."""
+
+
 class ModelMismatchError(OmniFp8Error, ValueError):
     """The checkpoint's tensors do not fit the model class its config.json names."""
 
@@ -65,8 +77,16 @@ class NonFiniteWeightError(OmniFp8Error, ValueError):
     """A weight holds NaN or Inf: no finite FP8 scale exists for it."""
 
 
+class DtypeRangeError(OmniFp8Error, ValueError):
+    """A requested cast would turn finite values into inf (e.g. 1e6 to float16)."""
+
+
 class OutputExistsError(OmniFp8Error, FileExistsError):
     """The output folder exists (and ``force`` was not given) or overlaps the source."""
+
+
+class OutputWriteError(OmniFp8Error, OSError):
+    """Writing the output failed (disk full, file size limit, permissions); nothing was published."""
 
 
 class VerificationError(OmniFp8Error):

@@ -8,6 +8,7 @@ and SHA-256 of every output file, and the byte totals. ``verify`` re-hashes the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CorruptCheckpointError, SourceNotFoundError
+from .options import parse_path
 from .plan import KEPT, Plan
-from .safetensors_format import dtype_name
+from .safetensors_format import DTYPES, dtype_name
 from .source import MANIFEST_NAME, read_json
 from .writer import FileRecord, hash_file
 
@@ -110,8 +112,12 @@ def build_manifest(
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Load and check a folder's manifest; raise a one-line error if it is missing or foreign."""
-    path = Path(folder) / MANIFEST_NAME
+    """Load and check a folder's manifest; raise a one-line error if it is missing, foreign or malformed.
+
+    Every field that ``verify``, ``inspect``, the loader and ``--force`` rely on is checked here,
+    so a damaged manifest is one clear error rather than a crash somewhere downstream.
+    """
+    path = parse_path(folder, what="the folder") / MANIFEST_NAME
     if not path.is_file():
         raise SourceNotFoundError(
             f"{path}: no manifest; this is not a finished omni-fp8 output (an interrupted run leaves "
@@ -127,7 +133,68 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
             f"{MANIFEST_VERSION}; upgrade omni-fp8 to read it.",
             path=path,
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CorruptCheckpointError(
+            f"{path}: damaged manifest: {problem}; convert again (or restore the file).", path=path
+        )
     return manifest
+
+
+_SCHEMES = {"fp8_tensor", "fp8_block", "kept", "scale"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _manifest_problem(m: Mapping[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure, or ``None``."""
+    for key, kind in (("tool", dict), ("created", str), ("source", dict), ("component", str), ("options", dict),
+                      ("quantization_config", dict), ("totals", dict), ("carried_over", dict), ("files", dict),
+                      ("tensors", list)):
+        if not isinstance(m.get(key), kind):
+            return f"{key!r} is missing or not a {'JSON object' if kind is dict else kind.__name__}"
+    for key in ("source_bytes", "output_bytes", "tensors", "linears", "linears_quantized"):
+        if not _is_count(m["totals"].get(key)):
+            return f"totals.{key} is missing or not a count"
+    for key in ("kind", "class_name"):
+        if not isinstance(m["source"].get(key), str):
+            return f"source.{key} is missing"
+    if not isinstance(m["tool"].get("version"), str):
+        return "tool.version is missing"
+    options = m["options"]
+    if not isinstance(options.get("ignored_layers"), list) or not isinstance(options.get("activation_scheme"), str):
+        return "options.ignored_layers or options.activation_scheme is missing"
+    block = m["quantization_config"].get("weight_block_size")
+    if block is not None and not (isinstance(block, list) and len(block) == 2 and all(_is_count(b) and b for b in block)):
+        return f"quantization_config.weight_block_size {block!r} is not two positive integers"
+    for rel, record in m["files"].items():
+        if not _is_relative_path(rel):
+            return f"file name {rel!r} is not a path inside the folder"
+        if not isinstance(record, dict) or not _is_count(record.get("size")):
+            return f"files[{rel!r}] has no size"
+        if not isinstance(record.get("sha256"), str) or not _SHA256.fullmatch(record["sha256"]):
+            return f"files[{rel!r}] has no SHA-256"
+    for i, t in enumerate(m["tensors"]):
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            return f"tensors[{i}] has no name"
+        if t.get("shard") not in m["files"]:
+            return f"tensor {t['name']!r} names a shard that is not in 'files'"
+        if t.get("scheme") not in _SCHEMES or t.get("dtype") not in DTYPES:
+            return f"tensor {t['name']!r} has an unknown scheme or dtype"
+        if not isinstance(t.get("shape"), list) or not all(_is_count(d) for d in t["shape"]):
+            return f"tensor {t['name']!r} has a malformed shape"
+        if t["scheme"] != "scale" and t.get("source_dtype") not in DTYPES:
+            return f"tensor {t['name']!r} has an unknown source_dtype"
+    return None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_relative_path(rel: object) -> bool:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 @dataclass
@@ -148,12 +215,15 @@ class VerifyReport:
 
 def verify(folder: str | Path, *, on_bytes: Callable[[int], None] | None = None) -> VerifyReport:
     """Re-hash every file the manifest lists; report missing, changed and unlisted files."""
-    folder = Path(folder)
+    folder = parse_path(folder, what="the folder")
     manifest = read_manifest(folder)
     report = VerifyReport(folder)
     listed = manifest.get("files", {})
     for rel, expected in listed.items():
         path = folder / rel
+        if path.is_symlink():
+            report.problems.append(f"{rel}: a symbolic link, not the file that was written")
+            continue
         if not path.is_file():
             report.problems.append(f"{rel}: missing")
             continue

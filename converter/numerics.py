@@ -5,8 +5,12 @@ model quantized while loading hold the same bits.
 
 The contract (E4M3FN, largest finite value 448):
 
-* per tensor: ``s = amax(|W|) / 448`` in float32 (``1.0`` when amax is 0),
-  ``q = round_to_nearest_even(clamp(W_fp32 / s, -448, 448))``; stored as ``weight_scale = s``;
+* per tensor: ``s = max(amax(|W|) / 448, 2**-126)`` in float32 (``1.0`` when amax is 0),
+  ``q = round_to_nearest_even(clamp(W_fp32 / s, -448, 448))``; stored as ``weight_scale = s``.
+  The floor is float32's smallest normal number: below it ``amax / 448`` would round to a
+  subnormal with too few bits (or to 0), and ``W / s`` would saturate or become NaN. At the floor
+  the scale is a power of two, so ``W / s`` is exact and ``q`` is within one FP8 rounding step of
+  ``W / s``. Every finite input therefore gets a finite, positive scale;
 * per ``(bn, bk)`` block: the same for every block (edge blocks are partial), stored as the
   float32 grid ``weight_scale_inv`` of shape ``[ceil(N / bn), ceil(K / bk)]``;
 * dequantization is ``q * s`` in both cases.
@@ -21,11 +25,12 @@ import math
 
 import torch
 
-from .errors import NonFiniteWeightError
+from .errors import CorruptScaleError, DtypeRangeError, NonFiniteWeightError
 
 __all__ = [
     "FP8_DTYPE",
     "FP8_MAX",
+    "MIN_SCALE",
     "HIGH_PRECISION_DTYPES",
     "block_scale_shape",
     "quantize_weight",
@@ -33,10 +38,14 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_weight",
     "quantize_activation",
+    "cast_checked",
+    "check_scale",
+    "has_fp8_nan",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+MIN_SCALE = torch.finfo(torch.float32).tiny  # 2**-126, the smallest normal float32
 HIGH_PRECISION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # Elements per float32 scratch chunk: 4 MiB, small enough to stay in cache, large enough that
@@ -138,8 +147,8 @@ def dequantize_weight(
 def quantize_activation(x: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic activation quantization: one scale per token (row), or per ``group_size`` columns.
 
-    The weight rule along the last dim: ``s = amax(|x|) / 448`` in float32 (1 for an all-zero
-    row or group), ``q = RNE(clamp(x_fp32 / s))``. Returns ``q`` (shape of ``x``) and the scales,
+    The weight rule along the last dim: ``s = max(amax(|x|) / 448, 2**-126)`` in float32 (1 for
+    an all-zero row or group), ``q = RNE(clamp(x_fp32 / s))``. Returns ``q`` (shape of ``x``) and the scales,
     ``[..., 1]`` per token or ``[..., ceil(K / group_size)]`` per group (the last one partial).
     Block-scaled weights pair with per-group activations (groups of the weight's block width), as
     DeepSeek-style FP8 GEMMs do.
@@ -193,9 +202,11 @@ def _block_amax(blocks: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    # An all-zero tensor gets scale 1, so q = 0 and q * s = 0.
+    # An all-zero tensor gets scale 1, so q = 0 and q * s = 0. The floor keeps tiny (subnormal)
+    # amaxes from giving a zero or few-bit scale (see the module docstring).
     amax = amax.to(torch.float32)
-    return torch.where(amax == 0, torch.ones_like(amax), _divide(amax, FP8_MAX))
+    scale = _divide(amax, FP8_MAX).clamp_min(MIN_SCALE)
+    return torch.where(amax == 0, torch.ones_like(amax), scale)
 
 
 def _divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -212,6 +223,65 @@ def _to_fp8(src: torch.Tensor, divisor: torch.Tensor, scratch: torch.Tensor, out
     torch.div(src, divisor, out=scratch)  # upcast and divide in one pass: exactly W_fp32 / s
     scratch.clamp_(-FP8_MAX, FP8_MAX)
     out.copy_(scratch)
+
+
+def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, *, name: str) -> torch.Tensor:
+    """``tensor.to(dtype)``, refusing a cast that would turn finite values into +-inf.
+
+    Casting to a float dtype of smaller range (FP32 or BF16 to FP16, FP32 to BF16 at the very
+    top) overflows silently in torch; a kept norm weight of 1e6 would become inf and every
+    output NaN. Casts that cannot overflow cost nothing extra.
+    """
+    if tensor.dtype == dtype or not (tensor.is_floating_point() and dtype.is_floating_point):
+        return tensor.to(dtype)
+    out = tensor.to(dtype)
+    if torch.finfo(dtype).max < torch.finfo(tensor.dtype).max and tensor.numel():
+        created = int(torch.isinf(out).sum()) - int(torch.isinf(tensor).sum())
+        if created > 0:
+            lo, hi = torch.aminmax(tensor[torch.isfinite(tensor)].float())
+            largest = max(abs(float(lo)), abs(float(hi)))
+            raise DtypeRangeError(
+                f"{name}: holds {largest:.4g}, beyond {_dtype_words(dtype)}'s largest value "
+                f"{torch.finfo(dtype).max:.6g}, so casting it to {_dtype_words(dtype)} would give inf "
+                f"({created} value{'s' * (created != 1)}); keep its dtype (--dtype keep) or choose a wider one."
+            )
+    return out
+
+
+def check_scale(scale: torch.Tensor, *, name: str, where: str) -> None:
+    """Refuse a stored scale that is not finite and positive: the contract never writes one.
+
+    A damaged or hand-edited file could hold inf, NaN, zero or a negative scale; loaded as is,
+    the layer would output NaN or flipped signs without a word.
+    """
+    if scale.dtype != torch.float32:
+        raise CorruptScaleError(f"{where}: {name} is {scale.dtype}, not float32; the checkpoint is damaged.")
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        value = float(scale.reshape(-1)[bad.reshape(-1)][0])
+        raise CorruptScaleError(
+            f"{where}: {name} holds {value!r}; FP8 scales must be finite and positive, so the checkpoint is "
+            "damaged or was edited. Re-download it or convert it again."
+        )
+
+
+def has_fp8_nan(q: torch.Tensor) -> bool:
+    """Whether an E4M3FN tensor holds a NaN code (``S.1111.111``); the quantizer never writes one.
+
+    A chunked max over ``code & 0x7F`` (127 only for NaN): about 10 GB/s on 2 CPU cores, cheaper
+    than the copy a load makes anyway, and no full-size temporary.
+    """
+    flat = q.reshape(-1).view(torch.uint8)
+    for start in range(0, flat.numel(), _CHUNK_ELEMENTS * 4):
+        if int(torch.bitwise_and(flat[start : start + _CHUNK_ELEMENTS * 4], 0x7F).amax()) == 0x7F:
+            return True
+    return False
+
+
+def _dtype_words(dtype: torch.dtype) -> str:
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}.get(
+        dtype, str(dtype).removeprefix("torch.")
+    )
 
 
 def _non_finite(name: str) -> NonFiniteWeightError:

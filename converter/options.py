@@ -13,13 +13,17 @@ vLLM / vllm-omni ``quantization_config`` keys, so a dict written for those works
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Fp8Config", "split_patterns", "parse_block_size", "parse_size", "DEFAULT_MAX_ERROR"]
+__all__ = [
+    "Fp8Config", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path", "DEFAULT_MAX_ERROR",
+]
 
 # ``suggest``'s default bound on the mean relative output error: between the lab DiT's error with
 # every Linear in FP8 (0.049; its images pass the quality gate) and with the gate's failing
@@ -94,10 +98,10 @@ class Fp8Config:
                 f"quantization_config must be a dict or Fp8Config, got {type(values).__name__}."
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values if k not in known and k not in _METHOD_KEYS)
+        unknown = sorted(repr(k) for k in values if k not in known and k not in _METHOD_KEYS)
         if unknown:
             raise ConfigError(
-                f"unknown quantization_config key(s) {', '.join(map(repr, unknown))}; "
+                f"unknown quantization_config key(s) {', '.join(unknown)}; "
                 f"supported: {', '.join(sorted(known))}."
             )
         kwargs = {k: v for k, v in values.items() if k in known}
@@ -137,30 +141,55 @@ class Fp8Config:
 def split_patterns(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """Normalise ``ignored_layers``: a list, a comma-separated string, or both mixed.
 
-    A ``re:`` pattern is never split, since a regex may contain commas (``re:a{1,2}``).
+    Commas separate patterns, except inside a regex: a ``re:`` entry runs to the end of its
+    string, so ``"img_mlp,re:a{1,2}"`` is ``img_mlp`` and ``re:a{1,2}`` (give several regexes as
+    separate entries).
     """
     if value is None:
         return ()
-    items = [value] if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        items = list(value)
+    else:
+        raise ConfigError(
+            f"ignored_layers must be a list of layer-name patterns or a comma-separated string, "
+            f"got {type(value).__name__} {value!r}."
+        )
     out: list[str] = []
     for item in items:
         if not isinstance(item, str):
-            raise ConfigError(f"ignored_layers entries must be strings, got {item!r}.")
-        parts = [item] if item.strip().startswith("re:") else item.split(",")
-        for part in parts:
+            raise ConfigError(f"ignored_layers entries must be strings, got {type(item).__name__} {item!r}.")
+        for part in _split_commas(item):
             part = part.strip()
             if part and part not in out:
                 out.append(part)
     return tuple(out)
 
 
+def _split_commas(item: str) -> list[str]:
+    parts: list[str] = []
+    rest = item
+    while rest:
+        if rest.lstrip().startswith("re:"):
+            parts.append(rest)  # a regex may hold commas: it takes the rest of the string
+            break
+        head, comma, rest = rest.partition(",")
+        parts.append(head)
+        if not comma:
+            break
+    return parts
+
+
 def parse_block_size(value: Any) -> tuple[int, int]:
     """``"128,128"``, ``[128, 128]`` or ``(128, 128)`` -> ``(128, 128)``; anything else is refused."""
-    parts = re.split(r"[,x]", value) if isinstance(value, str) else value
-    try:
-        dims = tuple(_whole_number(v) for v in parts)
-    except TypeError:
-        dims = ()
+    if isinstance(value, str):
+        parts: Any = re.split(r"[,x]", value)
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        parts = list(value)
+    else:
+        parts = ()
+    dims = tuple(_whole_number(v) for v in parts)
     if len(dims) != 2 or any(d is None or d <= 0 or d % ALIGNMENT or d > 65536 for d in dims):
         raise ConfigError(
             f"bad weight_block_size {value!r}: give two positive multiples of {ALIGNMENT} "
@@ -172,7 +201,7 @@ def parse_block_size(value: Any) -> tuple[int, int]:
 def _whole_number(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,6}\s*", value):  # ASCII digits only: not '²'
         return int(value)
     return None
 
@@ -188,8 +217,48 @@ def parse_size(value: int | str) -> int:
     """``"5GB"`` -> 5_000_000_000 (decimal units as diffusers uses; ``GiB`` for binary)."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
     unit = match.group(2).lower() if match else None
-    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+    if not match or unit not in _SIZE_UNITS:
         raise ConfigError(f"bad size {value!r}: use a number of bytes or e.g. 500MB, 5GB, 2GiB.")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ConfigError(f"bad size {value!r}: that is less than one byte; use e.g. 500MB, 5GB, 2GiB.")
+    return size
+
+
+# Names a user may give for the dtype of the tensors that stay high precision.
+_DTYPE_NAMES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
+}
+
+
+def parse_dtype(value: Any, *, what: str = "dtype") -> Any:
+    """``None``/``"keep"`` -> ``None``; ``torch.bfloat16``/``"bf16"``/``"bfloat16"`` -> ``torch.bfloat16``.
+
+    Only BF16, FP16 and FP32 are compute dtypes here: an integer or float8 dtype would silently
+    cast biases and norms to garbage (a bias of 0.3 becomes 0 in int8).
+    """
+    import torch
+
+    if value is None or value == "keep":
+        return None
+    if isinstance(value, str):
+        name = _DTYPE_NAMES.get(value.strip().lower().removeprefix("torch."))
+        if name is not None:
+            return getattr(torch, name)
+    elif isinstance(value, torch.dtype) and value in (torch.bfloat16, torch.float16, torch.float32):
+        return value
+    raise ConfigError(
+        f"{what} {value!r} is not a compute dtype; use torch.bfloat16, torch.float16 or torch.float32 "
+        "('bf16', 'fp16', 'fp32')."
+    )
+
+
+def parse_path(value: Any, *, what: str) -> Path:
+    """A path argument (``str`` or ``os.PathLike``), ``~`` expanded; anything else is one clear error."""
+    if isinstance(value, (str, os.PathLike)) and str(value) and "\0" not in str(value):
+        return Path(value).expanduser()
+    raise ConfigError(f"{what} must be a path (a str or os.PathLike), got {type(value).__name__} {value!r}.")

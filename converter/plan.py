@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,10 +28,10 @@ from torch import nn
 
 from .errors import ConfigError, ModelMismatchError, PatternMatchError, UnsupportedSourceError
 from .numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, block_scale_shape
-from .options import ALIGNMENT, Fp8Config
+from .options import ALIGNMENT, Fp8Config, parse_dtype
 from .presets import Preset, resolve_preset
 from .safetensors_format import TensorInfo
-from .source import Source
+from .source import Source, open_source
 
 __all__ = [
     "LayerPattern",
@@ -47,6 +48,7 @@ __all__ = [
     "TensorPlan",
     "Plan",
     "make_plan",
+    "check_tensors_match",
 ]
 
 FP8_TENSOR, FP8_BLOCK, KEPT = "fp8_tensor", "fp8_block", "kept"
@@ -76,6 +78,11 @@ class LayerPattern:
     @classmethod
     def parse(cls, text: str) -> LayerPattern:
         if text.startswith("re:"):
+            if not text[3:]:
+                raise ConfigError(
+                    "ignored_layers pattern 're:' has an empty regex, which would keep every layer; "
+                    "write the regex after 're:' (re:.* if every layer is really meant)."
+                )
             try:
                 return cls(text=text, regex=re.compile(text[3:]))
             except re.error as e:
@@ -414,7 +421,7 @@ def _dtype_label(dtype: torch.dtype | None) -> str:
 
 
 def make_plan(
-    source: Source,
+    source: Source | str | os.PathLike[str],
     config: Fp8Config | Mapping[str, Any] | None = None,
     *,
     dtype: torch.dtype | None = None,
@@ -428,33 +435,21 @@ def make_plan(
         model: The model already built from ``source.config`` (the loader has one); by default a
             meta-device instance is built for the plan.
     """
+    if not isinstance(source, Source):
+        source = open_source(source)  # a path, for convenience
     config = Fp8Config.coerce(config)
-    if dtype is not None and dtype not in HIGH_PRECISION_DTYPES:
-        raise ConfigError(f"dtype {dtype} is not a high-precision float dtype; use bf16, fp16 or fp32.")
+    dtype = parse_dtype(dtype)
     model = model if model is not None else meta_model(source.class_name, source.config)
+    check_tensors_match(source, model)  # first: a wrong config must not surface as a pattern error
     shapes, decisions, preset, ignored = decide_linears(model, config, class_name=source.class_name)
 
-    infos = {t.name: t for t in source.tensors}
     weight_of = {f"{name}.weight": name for name in shapes}
-    missing = [w for w in weight_of if w not in infos]
-    if missing:
-        raise ModelMismatchError(
-            f"{source.model_dir}: the checkpoint lacks {len(missing)} Linear weight(s) of "
-            f"{source.class_name} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-            "config.json does not describe these weights. Check _class_name and the layer counts."
-        )
     plans = []
     for info in source.tensors:
         module = weight_of.get(info.name)
         if module is None:
             plans.append(_kept(info, NOT_LINEAR, dtype))
             continue
-        expected = shapes[module]
-        if info.shape != expected:
-            raise ModelMismatchError(
-                f"{info.file}: {info.name} has shape {list(info.shape)} but {source.class_name} "
-                f"built from config.json expects {list(expected)}; the config does not match the weights."
-            )
         if info.torch_dtype not in HIGH_PRECISION_DTYPES:
             raise UnsupportedSourceError(
                 f"{info.file}: {info.name} is {info.dtype}; only BF16, FP16 and FP32 weights are quantized."
@@ -473,6 +468,64 @@ def make_plan(
         tensors=tuple(plans),
         dtype=dtype,
     )
+
+
+def check_tensors_match(source: Source, model: nn.Module) -> None:
+    """Every tensor the model loads is in the checkpoint with the model's shape, and nothing else is.
+
+    Checked before anything is read or written: a config.json that does not describe the weights
+    (one block too few, a bias of shape [0]) would otherwise convert "successfully" into a folder
+    that no loader accepts.
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    infos = {t.name: t for t in source.tensors}
+    cls = source.class_name
+    extra = [n for n in infos if n not in expected]
+    if extra:
+        raise ModelMismatchError(
+            f"{source.model_dir}: the checkpoint has {len(extra)} tensor(s) that {cls} built from config.json "
+            f"does not ({_first(extra)}){_count_hint(infos, expected)}; config.json does not match the weights.",
+            path=source.model_dir,
+        )
+    for name, info in infos.items():
+        if info.shape != expected[name]:
+            raise ModelMismatchError(
+                f"{info.file}: {name} has shape {list(info.shape)} but {cls} built from config.json expects "
+                f"{list(expected[name])}; the config does not match the weights (or the file is damaged).",
+                path=info.file,
+            )
+    missing = [n for n in expected if n not in infos]
+    if missing:
+        raise ModelMismatchError(
+            f"{source.model_dir}: the checkpoint lacks {len(missing)} tensor(s) of {cls} ({_first(missing)})"
+            f"{_count_hint(infos, expected)}; it is incomplete, or config.json describes another model.",
+            path=source.model_dir,
+        )
+
+
+def _first(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+_INDEXED = re.compile(r"^(.+?)\.(\d+)\.")
+
+
+def _count_hint(checkpoint: Iterable[str], model: Iterable[str]) -> str:
+    """``: the checkpoint has 2 transformer_blocks, the config builds 1`` where block counts differ."""
+
+    def counts(names: Iterable[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name in names:
+            m = _INDEXED.match(name)
+            if m:
+                out[m.group(1)] = max(out.get(m.group(1), 0), int(m.group(2)) + 1)
+        return out
+
+    have, built = counts(checkpoint), counts(model)
+    for prefix in sorted(set(have) | set(built)):
+        if have.get(prefix, 0) != built.get(prefix, 0):
+            return f": the checkpoint has {have.get(prefix, 0)} {prefix}, config.json builds {built.get(prefix, 0)}"
+    return ""
 
 
 def _kept(info: TensorInfo, reason: str, dtype: torch.dtype | None) -> TensorPlan:

@@ -129,7 +129,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError as e:
+        raise _corrupt(path, "its header nests JSON too deeply to be a tensor table") from e
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise _corrupt(path, f"its header is not valid UTF-8 JSON ({e})") from e
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
@@ -258,10 +260,14 @@ class ShardWriter:
         self.data_bytes = offset
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)  # pad so tensor data starts 8-byte aligned, as safetensors does
-        self._sha = BackgroundHash()
         self._file = FileSink(self.path, direct=direct)
+        self._sha = BackgroundHash()
         self._next = 0
-        self._emit(torch.frombuffer(bytearray(struct.pack("<Q", len(raw)) + raw), dtype=torch.uint8))
+        try:
+            self._emit(torch.frombuffer(bytearray(struct.pack("<Q", len(raw)) + raw), dtype=torch.uint8))
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor, *, on_done: Callable[[], None] | None = None) -> None:
         """Append the next tensor of the layout; ``on_done`` runs once its bytes are no longer needed."""
@@ -286,8 +292,10 @@ class ShardWriter:
 
     def close(self) -> str:
         """Finish the file and return its SHA-256 hex digest."""
-        self._file.close()
-        digest = self._sha.hexdigest()
+        try:
+            self._file.close()
+        finally:
+            digest = self._sha.hexdigest()
         if self._next != len(self._layout):
             missing = [n for n, _, _ in self._layout[self._next :]]
             raise ValueError(f"{self.path}: closed with {len(missing)} tensors unwritten ({missing[0]}, ...)")

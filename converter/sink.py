@@ -52,7 +52,13 @@ class FileSink:
             self._fill = 0
 
     def write(self, data: torch.Tensor) -> None:
-        """Append a 1-D uint8 CPU tensor's bytes."""
+        """Append a 1-D uint8 CPU tensor's bytes; a failed write raises ``OSError`` naming the file."""
+        try:
+            self._write(data)
+        except OSError as e:
+            raise _named(e, self.path) from None
+
+    def _write(self, data: torch.Tensor) -> None:
         n = data.numel()
         if not self.direct:
             _write_all(self._fd, memoryview(data.numpy()))
@@ -93,18 +99,35 @@ class FileSink:
                 self._staging[self._fill : padded].zero_()
                 self._flush(padded)
                 os.ftruncate(self._fd, self.size)
+            fd, self._fd = self._fd, -1
+            os.close(fd)  # a delayed write error (NFS, quotas) surfaces here
+        except OSError as e:
+            raise _named(e, self.path) from None
         finally:
             self.abort()
 
     def abort(self) -> None:
-        """Close without writing what is staged (the caller discards the file)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close without writing what is staged (the caller discards the file). Safe to repeat."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the file is being discarded; the error that got us here is the one to report
         if self.direct:
-            del self._staging
-            self._region.close()
             self.direct = False
+            self._staging = None
+            try:
+                self._region.close()
+            except BufferError:
+                pass  # a view of it is still alive (in a traceback); it is freed with that view
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """The same error with the file it happened to, so the message can say where."""
+    if e.filename is not None or e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror, str(path))
 
 
 def _write_all(fd: int, view: memoryview) -> None:

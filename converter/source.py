@@ -5,8 +5,8 @@
 before anything is converted (a bad shard found at 90% would waste the first 90%). Nothing here
 reads tensor data; ``Source.open_reader`` hands out tensors one at a time.
 
-Hub repository ids are meant to resolve to a local snapshot here and then follow the same path,
-so everything after this module only ever sees a local folder.
+A model in the Hugging Face cache resolves to its snapshot folder here (its files are links into
+the cache's blobs), so everything after this module only ever sees a local folder.
 """
 
 from __future__ import annotations
@@ -14,20 +14,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import torch
 
 from .errors import (
+    ConfigError,
     CorruptCheckpointError,
     PickleCheckpointError,
     SourceNotFoundError,
     UnsupportedSourceError,
 )
+from .options import parse_path
 from .safetensors_format import SafetensorsHeader, TensorInfo, read_header, read_tensor
 
 __all__ = [
@@ -96,19 +99,49 @@ class Source:
         """Files a converted folder carries over unchanged, relative to ``root``.
 
         For a pipeline: every other component and top-level file. Inside the transformer folder:
-        whatever is not a weight file, an index or config.json (a README, say).
+        whatever is not a weight file, an index or config.json (a README, say). Symbolic links
+        are followed (a Hugging Face cache snapshot is made of them, and a component may be a
+        link to a folder elsewhere); a broken link, a link loop, or anything that is not a plain
+        file or folder (a FIFO would block the copy forever) is refused, naming it.
         """
-        out = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            here = Path(dirpath)
-            for name in sorted(filenames):
-                if name.startswith(".") or name == MANIFEST_NAME:
-                    continue
-                if here == self.model_dir and _is_weight_or_config(name):
-                    continue
-                out.append((here / name).relative_to(self.root).as_posix())
+        out: list[str] = []
+        self._walk(self.root, (), set(), out)
         return out
+
+    def _walk(self, folder: Path, rel: tuple[str, ...], ancestors: set[tuple[int, int]], out: list[str]) -> None:
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            raise UnsupportedSourceError(
+                f"{folder}: a symbolic link loop (the folder contains itself); remove the link.", path=folder
+            )
+        ancestors = ancestors | {key}
+        in_model_dir = folder == self.model_dir
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("."):
+                continue
+            path = folder / name
+            try:
+                st = os.stat(path)  # follows symbolic links
+            except FileNotFoundError as e:
+                raise SourceNotFoundError(
+                    f"{path}: a broken symbolic link (to {os.readlink(path)}); restore its target or remove it.",
+                    path=path,
+                ) from e
+            except OSError as e:
+                raise UnsupportedSourceError(f"{path}: cannot be read ({e.strerror}); fix or remove it.", path=path) from e
+            if stat.S_ISDIR(st.st_mode):
+                self._walk(path, (*rel, name), ancestors, out)
+            elif stat.S_ISREG(st.st_mode):
+                if name == MANIFEST_NAME or (in_model_dir and _is_weight_or_config(name)):
+                    continue
+                out.append("/".join((*rel, name)))
+            else:
+                raise UnsupportedSourceError(
+                    f"{path}: not a regular file ({_file_kind(st.st_mode)}); a checkpoint folder holds only files "
+                    "and folders. Remove it, or copy the checkpoint without it.",
+                    path=path,
+                )
 
     @contextmanager
     def open_reader(self) -> Iterator[_Reader]:
@@ -143,10 +176,16 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
             value = json.load(f)
     except FileNotFoundError as e:
         raise SourceNotFoundError(f"{path}: {what} not found.", path=path) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError as e:
+        raise CorruptCheckpointError(
+            f"{path}: {what} nests JSON too deeply to be read; fix or re-download it.", path=path
+        ) from e
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CorruptCheckpointError(
             f"{path}: {what} is not valid JSON ({e}); fix or re-download it.", path=path
         ) from e
+    except IsADirectoryError as e:
+        raise CorruptCheckpointError(f"{path}: {what} is a folder, not a file.", path=path) from e
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{path}: {what} must be a JSON object.", path=path)
     return value
@@ -158,7 +197,9 @@ def open_source(
     """Resolve and validate a checkpoint folder.
 
     Args:
-        src: A diffusers pipeline folder (its ``transformer/`` is converted) or a transformer folder.
+        src: A diffusers pipeline folder (its ``transformer/`` is converted), a transformer
+            folder, or a model's folder in the Hugging Face cache (``models--org--name``, read at
+            the snapshot ``refs/main`` points to) or one of its ``snapshots/<commit>`` folders.
         subfolder: Convert this folder of ``src`` instead of looking for ``transformer/``.
         allow_quantized: Accept an FP8 checkpoint (the loader reads them; the converter refuses
             to quantize twice).
@@ -168,7 +209,9 @@ def open_source(
         >>> source.class_name, source.data_bytes  # doctest: +SKIP
         ('QwenImageTransformer2DModel', 40861043456)
     """
-    root = Path(src).expanduser()
+    root = parse_path(src, what="the source")
+    if subfolder is not None and not isinstance(subfolder, str):
+        raise ConfigError(f"subfolder must be a str such as 'transformer', got {type(subfolder).__name__} {subfolder!r}.")
     if not root.exists():
         hint = ""
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
@@ -182,11 +225,13 @@ def open_source(
             raise _pickle_error(root)
         raise UnsupportedSourceError(f"{root}: not a folder; {_LAYOUT_HINT}.", path=root)
     root = root.resolve()
+    origin: dict[str, Any] = {"type": "local", "path": str(root)}
+    cache = _hf_cache_snapshot(root)
+    if cache is not None:
+        root, origin = cache
 
     if subfolder:
-        model_dir = (root / subfolder).resolve()
-        if root not in model_dir.parents:
-            raise UnsupportedSourceError(f"{subfolder!r} is not a folder inside {root}.", path=root)
+        model_dir = root / _plain_subfolder(subfolder, root)
         kind = "pipeline" if (root / MODEL_INDEX_NAME).is_file() else "transformer"
     elif (root / MODEL_INDEX_NAME).is_file():
         kind, model_dir = "pipeline", _pipeline_transformer_dir(root)
@@ -199,14 +244,52 @@ def open_source(
     shards = _find_shards(model_dir)
     if not allow_quantized:
         _check_not_quantized(model_dir, config, shards)
-    return Source(
-        root=root,
-        kind=kind,
-        model_dir=model_dir,
-        config=config,
-        shards=shards,
-        origin={"type": "local", "path": str(root)},
-    )
+    return Source(root=root, kind=kind, model_dir=model_dir, config=config, shards=shards, origin=origin)
+
+
+def _plain_subfolder(subfolder: str, root: Path) -> str:
+    """A subfolder is a relative path inside ``root``, judged by its text (it may be a link)."""
+    parts = PurePosixPath(subfolder.replace("\\", "/")).parts
+    if not parts or PurePosixPath(subfolder).is_absolute() or any(p in ("..", "") for p in parts) or "\0" in subfolder:
+        raise UnsupportedSourceError(
+            f"{subfolder!r} is not a folder inside {root}; give a relative path such as 'transformer'.", path=root
+        )
+    return "/".join(p for p in parts if p != ".")
+
+
+def _hf_cache_snapshot(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """A model's folder in the Hugging Face cache, or one of its snapshots: the snapshot to read.
+
+    ``hf download`` without ``--local-dir`` (and diffusers' own downloads) leave
+    ``models--org--name/{blobs,refs,snapshots/<commit>}``; the snapshot's files are relative
+    links into ``blobs/``. The repo folder is read at the commit ``refs/main`` names.
+    """
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        repo_dir, snapshot = root.parent.parent, root
+    elif root.name.startswith("models--") and (root / "snapshots").is_dir():
+        repo_dir = root
+        ref = repo_dir / "refs" / "main"
+        snapshots = sorted(p.name for p in (repo_dir / "snapshots").iterdir() if p.is_dir())
+        if ref.is_file():
+            snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        elif len(snapshots) == 1:
+            snapshot = repo_dir / "snapshots" / snapshots[0]
+        else:
+            raise SourceNotFoundError(
+                f"{root}: a Hugging Face cache folder without refs/main and with "
+                f"{len(snapshots)} snapshots; pass one of them: "
+                + (", ".join(str(repo_dir / "snapshots" / n) for n in snapshots[:3]) or "(none downloaded)"),
+                path=root,
+            )
+        if not snapshot.is_dir():
+            raise SourceNotFoundError(
+                f"{snapshot}: refs/main names a snapshot that is not in the cache; download the model again.",
+                path=snapshot,
+            )
+    else:
+        return None
+    repo_id = repo_dir.name.removeprefix("models--").replace("--", "/", 1)
+    return snapshot, {"type": "hf-cache", "path": str(snapshot), "repo_id": repo_id, "commit": snapshot.name}
 
 
 def _pipeline_transformer_dir(root: Path) -> Path:
@@ -315,6 +398,14 @@ def _check_not_quantized(model_dir: Path, config: dict[str, Any], shards: tuple[
             "convert the original BF16/FP16/FP32 checkpoint instead, or load this one as it is.",
             path=model_dir,
         )
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _is_plain_filename(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Writing a converted folder: streamed shards, the index, carried-over files, atomic publish.
+"""Writing a converted folder's files: streamed shards, the index, JSON, carried-over files.
 
 Shards are laid out from the plan before any tensor is read (every output dtype and shape is
 known), so each shard's header is written first and its tensors follow one at a time; the process
@@ -7,8 +7,8 @@ scale always share a shard. File names and the index follow diffusers
 (``diffusion_pytorch_model-00001-of-00003.safetensors`` and
 ``diffusion_pytorch_model.safetensors.index.json``), so the output looks like any diffusers folder.
 
-Everything is written into a hidden staging folder beside the output and renamed into place only
-when complete, manifest last: an interrupted run never leaves a folder that looks finished.
+Everything is written into a hidden staging folder (``output.py``) and published only when
+complete, manifest last: an interrupted run never leaves a folder that looks finished.
 """
 
 from __future__ import annotations
@@ -20,22 +20,20 @@ import math
 import os
 import queue
 import shutil
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import OutputExistsError
-from .numerics import FP8_DTYPE, quantize_weight
+from .errors import SourceNotFoundError
+from .numerics import FP8_DTYPE, cast_checked, quantize_weight
 from .plan import KEPT, Plan, TensorPlan
 from .safetensors_format import ShardWriter
-from .source import INDEX_NAME, MANIFEST_NAME
+from .source import INDEX_NAME
 
 __all__ = [
     "FileRecord",
@@ -46,16 +44,11 @@ __all__ = [
     "write_json",
     "hash_file",
     "carry_over",
-    "staging_folder",
-    "check_output",
-    "publish",
 ]
 
 _QUEUE_DEPTH = 2  # finished tensors waiting for the writer thread: the bounded write buffer
 _POOL_BUFFERS = 4  # quantized weights in flight: filling, queued, being written, being hashed
 _HASH_CHUNK = 8 << 20
-_STAGING_MARK = ".omni-fp8-partial-"
-_OWNER_FILE = ".omni-fp8-owner.json"
 
 
 @dataclass(frozen=True)
@@ -189,7 +182,7 @@ def _convert_tensor(
 ) -> Iterator[tuple[str, torch.Tensor, Callable[[], None] | None]]:
     if t.scheme == KEPT:
         out_dtype = t.outputs[0].dtype
-        yield t.name, tensor if tensor.dtype == out_dtype else tensor.to(out_dtype), None
+        yield t.name, tensor if tensor.dtype == out_dtype else cast_checked(tensor, out_dtype, name=t.name), None
         return
     out, give_back = pool.take(t.source.shape)
     try:
@@ -229,81 +222,17 @@ def carry_over(src: Path, dst: Path) -> str:
     """Hard-link ``src`` to ``dst``, or copy it where links fail; return ``"link"`` or ``"copy"``.
 
     A hard link costs no space and shares the source's bytes, which nothing here ever writes to.
+    A symbolic link (a Hugging Face cache snapshot is made of them) is resolved first: the
+    output holds the file, never a link that would point outside it.
     """
+    real = Path(os.path.realpath(src))
+    if not real.is_file():
+        raise SourceNotFoundError(f"{src}: not a regular file any more (it changed during the run).", path=src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
+        os.link(real, dst, follow_symlinks=False)
         return "link"
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copyfile(real, dst)
+        shutil.copystat(real, dst)
         return "copy"
-
-
-@contextmanager
-def staging_folder(out: Path) -> Iterator[Path]:
-    """A fresh hidden folder beside ``out``; removed again unless the caller publishes it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = out.parent / f".{out.name}{_STAGING_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    (staging / _OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-    try:
-        yield staging
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def check_output(out: Path, source_root: Path, *, force: bool) -> None:
-    """Refuse an output that exists (without ``force``) or overlaps the source."""
-    out_r, src_r = out.resolve(), source_root.resolve()
-    if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
-        raise OutputExistsError(
-            f"{out}: the output overlaps the source {source_root}; choose a folder outside it.", path=out
-        )
-    if not out.exists() and not out.is_symlink():
-        return
-    if not force:
-        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to replace it.", path=out)
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).is_file()):
-        raise OutputExistsError(
-            f"{out}: exists and is not an omni-fp8 output (no {MANIFEST_NAME}); --force only replaces "
-            "earlier outputs. Remove it yourself or choose another folder.",
-            path=out,
-        )
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished staging folder to ``out``, replacing an earlier output if there is one."""
-    (staging / _OWNER_FILE).unlink(missing_ok=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.omni-fp8-replaced-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
-
-
-def _remove_stale_staging(out: Path) -> None:
-    """Delete staging folders of earlier runs for ``out`` that were killed on this host."""
-    host = socket.gethostname()
-    for candidate in out.parent.glob(f".{out.name}{_STAGING_MARK}*"):
-        try:
-            owner = json.loads((candidate / _OWNER_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", -1))):
-            shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, dequantize_weight, quantize_weight
+from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, check_scale, dequantize_weight, quantize_weight
+from omni_fp8.converter.options import parse_block_size
 
 from .kernels import fp8_linear, gemm_plan, no_fp8_gemm_error
 
@@ -46,7 +47,7 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.block_size = tuple(block_size) if block_size is not None else None
+        self.block_size = parse_block_size(block_size) if block_size is not None else None
         self.force_fp8_gemm = force_fp8_gemm
         # The bias goes first: diffusers reports a model's dtype as its first floating parameter's,
         # and that should be the compute dtype, not float8.
@@ -54,7 +55,7 @@ class Fp8Linear(nn.Module):
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.register_load_state_dict_post_hook(Fp8Linear._place)
+        self.register_load_state_dict_post_hook(Fp8Linear._after_load)
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
         )
@@ -89,6 +90,7 @@ class Fp8Linear(nn.Module):
         got = (weight.shape, scale.shape, None if bias is None else bias.shape)
         if weight.dtype != FP8_DTYPE or got[:2] != expected[:2] or (bias is not None and got[2] != expected[2]):
             raise ValueError(f"Fp8Linear({self.extra_repr()}) cannot take {weight.dtype} tensors of shapes {got}")
+        check_scale(scale.to(torch.float32), name=self.scale_name, where=f"Fp8Linear({self.extra_repr()})")
         self.weight = nn.Parameter(weight, requires_grad=False)
         setattr(self, self.scale_name, nn.Parameter(scale.to(torch.float32), requires_grad=False))
         if bias is not None:
@@ -119,6 +121,12 @@ class Fp8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"scheme={self.scheme}" + (f", block_size={block}" if block else "")
         )
+
+    def _after_load(self, *_: object) -> None:
+        """After ``load_state_dict``: refuse a scale the contract never writes, then pick the kernel."""
+        if self.scale.device.type != "meta":
+            check_scale(self.scale, name=self.scale_name, where=f"Fp8Linear({self.extra_repr()})")
+        self._place()
 
     def _place(self, *_: object) -> None:
         """Decide the kernel for the device the weight is on: once, when placed or loaded."""

@@ -25,10 +25,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from omni_fp8.converter.errors import ConfigError, ModelMismatchError, UnsupportedSourceError
-from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, quantize_weight
-from omni_fp8.converter.options import Fp8Config, parse_block_size
-from omni_fp8.converter.plan import KEPT, decide_linears, empty_model, linear_shapes, make_plan
+from omni_fp8.converter.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    CorruptScaleError,
+    ModelMismatchError,
+    UnsupportedSourceError,
+)
+from omni_fp8.converter.numerics import (
+    FP8_DTYPE,
+    block_scale_shape,
+    cast_checked,
+    check_scale,
+    has_fp8_nan,
+    quantize_weight,
+)
+from omni_fp8.converter.options import Fp8Config, parse_block_size, parse_dtype
+from omni_fp8.converter.plan import KEPT, check_tensors_match, decide_linears, empty_model, linear_shapes, make_plan
 from omni_fp8.converter.source import Source, open_source
 
 from .fp8_linear import Fp8Linear
@@ -73,19 +86,21 @@ def load_transformer(
         The ordinary diffusers model class, eligible ``nn.Linear`` layers replaced by
         ``Fp8Linear``, in eval mode: pipelines accept it as their ``transformer``.
     """
-    if quantization not in (None, *QUANTIZATIONS):
+    if not (quantization is None or (isinstance(quantization, str) and quantization in QUANTIZATIONS)):
         raise ConfigError(f"unknown quantization {quantization!r}; supported: 'fp8' (or None).")
+    dtype, torch_dtype = parse_dtype(dtype), parse_dtype(torch_dtype, what="torch_dtype")
     if torch_dtype is not None:
         if dtype is not None and dtype != torch_dtype:
             raise ConfigError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give dtype only.")
         dtype = torch_dtype
     explicit = None if quantization_config is None else Fp8Config.coerce(quantization_config)
-    device = torch.device(device)
+    device = _usable_device(device)
     if force_fp8_kernels and not device_has_fp8(device):
         raise no_fp8_gemm_error(device)  # before reading a byte; each layer checks its scheme too
     source = open_source(pretrained, subfolder=subfolder, allow_quantized=True)
     model = empty_model(source.class_name, source.config)
     folder_config = source.config.get("quantization_config")
+    _check_quantization_config(source, folder_config)
     if folder_config is not None:
         _load_converted(model, source, folder_config, explicit, device, dtype, force_fp8_kernels, progress)
     elif quantization is not None or explicit is not None:
@@ -94,6 +109,49 @@ def load_transformer(
         _load_plain(model, source, device, dtype, progress)
     _check_complete(model, source)
     return model.to(device).eval()
+
+
+def _check_quantization_config(source: Source, folder_config: Any) -> None:
+    """FP8 tensors without a readable ``quantization_config`` would load as raw codes, unscaled."""
+    where = source.model_dir / "config.json"
+    if folder_config is not None and not isinstance(folder_config, Mapping):
+        raise CorruptCheckpointError(
+            f"{where}: quantization_config must be a JSON object, got {type(folder_config).__name__}; the file is "
+            "damaged. Restore it from the conversion.",
+            path=where,
+        )
+    if folder_config is None and any(t.dtype.startswith("F8_") for t in source.tensors):
+        raise CorruptCheckpointError(
+            f"{where}: the weights include FP8 tensors but config.json has no quantization_config, so their scales "
+            "would not be applied; restore config.json from the conversion (omni-convert verify shows what changed).",
+            path=where,
+        )
+
+
+def _usable_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` this torch can put tensors on, or one line saying why not."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda' or 'cuda:N'.") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r}: this torch ({torch.__version__}) sees no CUDA GPU; install a CUDA build of "
+                "torch on a GPU machine, or load with device='cpu'."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+            )
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "meta" or backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ConfigError(f"device {device!r} is not available here; load with device='cpu' or 'cuda'.")
+    return dev
 
 
 def _load_quantizing(
@@ -108,7 +166,7 @@ def _load_quantizing(
     def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         t = plans[name]
         if t.scheme == KEPT:
-            yield name, _owned(tensor, device, t.outputs[0].dtype)
+            yield name, _owned(tensor, device, t.outputs[0].dtype, name=name)
             return
         q, scale = quantize_weight(tensor, t.block_size, name=name)
         yield name, q.to(device)
@@ -145,12 +203,20 @@ def _load_converted(
     _swap_linears(model, schemes, block, force)
 
     def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        if name.endswith("weight_scale"):
-            yield name, _owned(tensor.reshape(()), device, None)  # some writers store the scalar as [1]
-        elif name.endswith("weight_scale_inv") or tensor.dtype == FP8_DTYPE:
+        # Checked on the mapped bytes, before they are copied anywhere (see the README's Safety).
+        where = str(infos[name].file)
+        if name.endswith(("weight_scale", "weight_scale_inv")):
+            check_scale(tensor, name=name, where=where)
+            yield name, _owned(tensor.reshape(()) if name.endswith("weight_scale") else tensor, device, None)
+        elif tensor.dtype == FP8_DTYPE:
+            if has_fp8_nan(tensor):
+                raise CorruptScaleError(
+                    f"{where}: {name} holds FP8 NaN codes, which no quantizer writes; the file is damaged. "
+                    "Re-download it or convert again."
+                )
             yield name, _owned(tensor, device, None)
         else:
-            yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None)
+            yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None, name=name)
 
     _stream(model, source, place, progress)
 
@@ -232,8 +298,9 @@ def _check_agrees(
 def _load_plain(
     model: nn.Module, source: Source, device: torch.device, dtype: torch.dtype | None, progress: bool
 ) -> None:
+    check_tensors_match(source, model)
     def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None)
+        yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None, name=name)
 
     _stream(model, source, place, progress)
 
@@ -252,13 +319,15 @@ def _stream(
             bar.update(info.nbytes)
 
 
-def _owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+def _owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None, *, name: str = "") -> torch.Tensor:
     """A fresh copy on ``device``: never a view of the read-only file map.
 
     Fresh allocations are also aligned, and CPU matmuls can round differently on unaligned
-    operands, so both load paths give the same bits.
+    operands, so both load paths give the same bits. A cast that would overflow is refused.
     """
-    return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+    if dtype is not None and dtype != tensor.dtype:
+        tensor = cast_checked(tensor, dtype, name=name)
+    return tensor.to(device=device, copy=True)
 
 
 def _swap_linears(

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from omni_fp8.converter.errors import ConfigError
 from omni_fp8.converter.options import Fp8Config
 from omni_fp8.converter.plan import decide_linears
 
@@ -33,6 +34,8 @@ def quantize_(
     The preset is looked up by the model's class name, as for a checkpoint's ``_class_name``.
     Weights are quantized where they are (a GPU model is quantized on the GPU, with the same bits).
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"quantize_ takes a torch.nn.Module (a diffusers transformer), got {type(model).__name__}.")
     config = Fp8Config.coerce(config)
     decisions = decide_linears(model, config).decisions
     with torch.no_grad():

@@ -69,19 +69,37 @@ def load_inputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     from safetensors import safe_open
 
     from omni_fp8.converter.errors import CorruptCheckpointError
+    from omni_fp8.converter.safetensors_format import read_header
 
-    with safe_open(os.fspath(path), "pt") as f:
-        raw = (f.metadata() or {}).get(INPUTS_FORMAT)
-        if raw is None:
-            raise CorruptCheckpointError(
-                f"{path}: not a recorded-inputs file (no {INPUTS_FORMAT!r} metadata); record one with "
-                "omni_fp8.record_inputs and save_inputs.", path=path)
+    header = read_header(path)  # strict: a file that is not safetensors is one clear error
+
+    def damaged(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{path}: not a recorded-inputs file ({why}); record one with omni_fp8.record_inputs and save_inputs.",
+            path=path)
+
+    raw = header.metadata.get(INPUTS_FORMAT)
+    if raw is None:
+        raise damaged(f"no {INPUTS_FORMAT!r} metadata")
+    try:
         meta = json.loads(raw)
-        if meta.get("format_version") != INPUTS_VERSION:
-            raise CorruptCheckpointError(f"{path}: recorded-inputs format_version {meta.get('format_version')!r} "
-                                         f"is not {INPUTS_VERSION}; upgrade omni-fp8.", path=path)
-        calls = [{name: _decode(value) for name, value in other.items()} for other in meta["other"]]
-        for key in f.keys():
+    except (ValueError, RecursionError) as e:
+        raise damaged("its metadata is not valid JSON") from e
+    if not isinstance(meta, dict):
+        raise damaged("its metadata is not a JSON object")
+    if meta.get("format_version") != INPUTS_VERSION:
+        raise CorruptCheckpointError(f"{path}: recorded-inputs format_version {meta.get('format_version')!r} "
+                                     f"is not {INPUTS_VERSION}; upgrade omni-fp8.", path=path)
+    other = meta.get("other")
+    if not isinstance(other, list) or not all(isinstance(o, dict) for o in other):
+        raise damaged("'other' is not a list of calls")
+    calls = [{name: _decode(value) for name, value in o.items()} for o in other]
+    for key in header.tensors:
+        index, _, name = key.partition(".")
+        if not (index.isascii() and index.isdigit() and int(index) < len(calls) and name):
+            raise damaged(f"tensor {key!r} is not named 'CALL.argument' for one of its {len(calls)} calls")
+    with safe_open(os.fspath(path), "pt") as f:
+        for key in header.tensors:
             index, _, name = key.partition(".")
             calls[int(index)][name] = f.get_tensor(key)
     return calls

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from omni_fp8.converter.numerics import FP8_DTYPE, FP8_MAX
+from omni_fp8.converter.numerics import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 __all__ = ["HAVE_TRITON", "quantize_activation_cuda", "fp8_weight_gemv", "gemv_supports", "GEMV_MAX_ROWS"]
 
@@ -59,7 +59,7 @@ if HAVE_TRITON:
     @triton.jit
     def _quantize_rows(
         x_ptr, q_ptr, s_ptr, M, K, group, stride_x, stride_q, stride_s_row, stride_s_group,
-        BLOCK: tl.constexpr, FP8_LIMIT: tl.constexpr,
+        BLOCK: tl.constexpr, FP8_LIMIT: tl.constexpr, MIN_SCALE: tl.constexpr,
     ):
         row = tl.program_id(0)
         g = tl.program_id(1)
@@ -70,7 +70,7 @@ if HAVE_TRITON:
         # so q = 0 and the scale is 1.
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask & (row < M), other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, FP8_LIMIT))
+        scale = tl.where(amax == 0.0, 1.0, tl.maximum(tl.math.div_rn(amax, FP8_LIMIT), MIN_SCALE))
         q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_LIMIT), FP8_LIMIT)
         tl.store(q_ptr + row * stride_q + cols, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
         tl.store(s_ptr + row * stride_s_row + g * stride_s_group, scale)
@@ -109,7 +109,7 @@ def quantize_activation_cuda(
         block, warps = _launch_shape(group)
         _quantize_rows[(rows, groups)](
             x, q, s, m, k, group, x.stride(0), k, strides[0], strides[1] if group_size else 0,
-            BLOCK=block, FP8_LIMIT=FP8_MAX, num_warps=warps,
+            BLOCK=block, FP8_LIMIT=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=warps,
         )
     return q, s
 

@@ -22,9 +22,10 @@ FP8 = torch.float8_e4m3fn
 def reference_fp8(w: torch.Tensor, block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The contract written the obvious way, block by block: what numerics.py must equal bit for bit."""
     w32 = w.float()
+    tiny = torch.finfo(torch.float32).tiny  # the scale's floor, 2**-126
     if block is None:
         amax = w32.abs().max()
-        s = amax / 448 if amax > 0 else torch.tensor(1.0)
+        s = (amax / 448).clamp_min(tiny) if amax > 0 else torch.tensor(1.0)
         return (w32 / s).clamp(-448, 448).to(FP8), s.reshape(())
     bn, bk = block
     n, k = w.shape
@@ -34,7 +35,7 @@ def reference_fp8(w: torch.Tensor, block: tuple[int, int] | None = None) -> tupl
         for j in range(scales.shape[1]):
             tile = w32[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk]
             amax = tile.abs().max()
-            s = amax / 448 if amax > 0 else torch.tensor(1.0)
+            s = (amax / 448).clamp_min(tiny) if amax > 0 else torch.tensor(1.0)
             scales[i, j] = s
             q[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk] = (tile / s).clamp(-448, 448).to(FP8)
     return q, scales
@@ -144,3 +145,26 @@ def copy_of(tmp_path):
         return dst
 
     return make
+
+
+def hf_cache_copy(folder: Path, cache: Path, repo_id: str, commit: str = "0" * 39 + "1") -> tuple[Path, Path]:
+    """``folder`` laid out as the Hugging Face cache lays out a download: content-addressed blobs,
+    a snapshot of relative symbolic links to them, and ``refs/main``. Returns (repo folder, snapshot)."""
+    import os
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        if not blob.exists():
+            blob.write_bytes(data)
+        link = snapshot / path.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo, snapshot

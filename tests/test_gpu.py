@@ -33,6 +33,9 @@ def test_triton_activation_quantization_is_bit_exact(m, k, group):
     torch.manual_seed(m + k)
     x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 10).to(torch.bfloat16)
     x[0, :] = 0  # an all-zero token gets scale 1
+    if m > 2:  # a token of BF16 subnormals: the scale's floor (2**-126), as the reference has it
+        x[1, :] = torch.tensor(1e-40, dtype=torch.bfloat16)
+        x[2, : k // 2] = torch.tensor(3e-36, dtype=torch.bfloat16)
     q, s = quantize_activation_cuda(x, group or 0)
     ref_q, ref_s = quantize_activation(x.cpu(), group)
     assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))

@@ -110,3 +110,44 @@ def test_output_under_a_file_fails_in_one_line(qwen_src, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_folder_created_at_out_during_the_run_is_never_replaced(big_src, tmp_path):
+    out = tmp_path / "out"
+    proc = start_conversion(big_src, out)
+    wait_for_partial_shard(out, proc)
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.decode().startswith(f"error: {out}: appeared while converting")
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_two_runs_to_the_same_out_one_wins_and_nothing_is_lost(big_src, tmp_path):
+    out = tmp_path / "out"
+    procs = [start_conversion(big_src, out) for _ in range(2)]
+    results = [(p.wait(timeout=180), p.stderr.read().decode()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert "appeared while converting" in loser
+    assert verify(out).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_refuses_an_output_swapped_during_the_run(big_src, tmp_path):
+    out = tmp_path / "out"
+    convert(big_src, out, progress=False, max_shard_size="4MB")
+    cmd = [sys.executable, "-m", "omni_fp8.converter.cli", "convert", str(big_src), str(out), "--quiet",
+           "--max-shard-size", "4MB", "--force"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_partial_shard(out, proc)
+    out.rename(tmp_path / "earlier")
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "changed while converting" in err.decode()
+    assert (out / "precious.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "out"]
