@@ -266,16 +266,15 @@ def check_scale(scale: torch.Tensor, *, name: str, where: str) -> None:
 
 
 def has_fp8_nan(q: torch.Tensor) -> bool:
-    """Whether an E4M3FN tensor holds a NaN code (``S.1111.111``); the quantizer never writes one.
+    """Whether an E4M3FN tensor holds a NaN code; the quantizer never writes one.
 
-    A chunked max over ``code & 0x7F`` (127 only for NaN): about 10 GB/s on 2 CPU cores, cheaper
-    than the copy a load makes anyway, and no full-size temporary.
+    The two NaN codes, ``0x7F`` and ``0xFF``, are the largest values of the bytes read as int8
+    and as uint8, so two max-reductions find them without any temporary (about 25 GB/s on 2 CPU
+    cores, a tenth of the copy a load makes anyway).
     """
-    flat = q.reshape(-1).view(torch.uint8)
-    for start in range(0, flat.numel(), _CHUNK_ELEMENTS * 4):
-        if int(torch.bitwise_and(flat[start : start + _CHUNK_ELEMENTS * 4], 0x7F).amax()) == 0x7F:
-            return True
-    return False
+    if q.numel() == 0:
+        return False
+    return int(q.view(torch.int8).amax()) == 0x7F or int(q.view(torch.uint8).amax()) == 0xFF
 
 
 def _dtype_words(dtype: torch.dtype) -> str:

@@ -209,16 +209,52 @@ def _load_converted(
             check_scale(tensor, name=name, where=where)
             yield name, _owned(tensor.reshape(()) if name.endswith("weight_scale") else tensor, device, None)
         elif tensor.dtype == FP8_DTYPE:
-            if has_fp8_nan(tensor):
-                raise CorruptScaleError(
-                    f"{where}: {name} holds FP8 NaN codes, which no quantizer writes; the file is damaged. "
-                    "Re-download it or convert again."
-                )
-            yield name, _owned(tensor, device, None)
+            owned = _owned(tensor, device, None)
+            codes.check(owned, name=name, where=where)
+            yield name, owned
         else:
             yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None, name=name)
 
+    codes = _NanCodes()
     _stream(model, source, place, progress)
+    codes.finish()
+
+
+class _NanCodes:
+    """Refuse FP8 weights holding NaN codes, where the check costs least.
+
+    On the CPU the copy just made is scanned at once (``has_fp8_nan``). On a GPU each weight's
+    largest code magnitude is reduced there and all of them are read back once at the end, so the
+    check adds no host work and no synchronisation per tensor.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, str, torch.Tensor]] = []
+
+    def check(self, q: torch.Tensor, *, name: str, where: str) -> None:
+        if q.device.type == "cpu":
+            if has_fp8_nan(q):
+                raise self._error(name, where)
+        elif q.numel():  # 0x7F and 0xFF are the largest codes read as int8 and as uint8
+            codes = torch.stack([q.view(torch.int8).amax().to(torch.int16) - 0x7F,
+                                 q.view(torch.uint8).amax().to(torch.int16) - 0xFF])
+            self._pending.append((name, where, codes.amax()))
+
+    def finish(self) -> None:
+        if not self._pending:
+            return
+        found = torch.stack([code for _, _, code in self._pending]).cpu()  # 0 where a NaN code is
+        for (name, where, _), code in zip(self._pending, found.tolist()):
+            if code == 0:
+                raise self._error(name, where)
+        self._pending.clear()
+
+    @staticmethod
+    def _error(name: str, where: str) -> CorruptScaleError:
+        return CorruptScaleError(
+            f"{where}: {name} holds FP8 NaN codes, which no quantizer writes; the file is damaged. "
+            "Re-download it or convert again."
+        )
 
 
 def _check_manifest(source: Source, folder_config: Mapping[str, Any]) -> None:
