@@ -9,7 +9,7 @@ and SHA-256 of every output file, and the byte totals. ``verify`` re-hashes the 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -20,10 +20,12 @@ from .errors import CorruptCheckpointError, SourceNotFoundError
 from .options import parse_path
 from .plan import KEPT, Plan
 from .safetensors_format import DTYPES, dtype_name
-from .source import MANIFEST_NAME, read_json
+from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, read_json
 from .writer import FileRecord, hash_file
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "build_manifest", "read_manifest", "verify", "VerifyReport"]
+__all__ = [
+    "MANIFEST_FORMAT", "MANIFEST_VERSION", "build_manifest", "saved_manifest", "read_manifest", "verify", "VerifyReport",
+]
 
 MANIFEST_FORMAT = "omni-fp8-manifest"
 MANIFEST_VERSION = 1
@@ -83,32 +85,96 @@ def build_manifest(
                 }
             )
     source = plan.source
+    totals = {
+        "source_bytes": plan.source_bytes,
+        "output_bytes": plan.output_bytes,
+        "tensors": len(tensors),
+        "linears": len(plan.linears),
+        "linears_quantized": sum(d.quantized for d in plan.linears.values()),
+        "seconds": round(seconds, 3),
+    }
+    origin = {**source.origin, "kind": source.kind, "component": source.subfolder, "class_name": source.class_name}
+    return _assemble(origin, component, plan.options(), plan.quantization_config(), totals, carried, files, tensors)
+
+
+def _assemble(
+    source: Mapping[str, Any],
+    component: str,
+    options: Mapping[str, Any],
+    quantization_config: Mapping[str, Any],
+    totals: Mapping[str, Any],
+    carried: Mapping[str, str],
+    files: Mapping[str, FileRecord],
+    tensors: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "tool": {"name": "omni-fp8", "version": tool_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            **source.origin,
-            "kind": source.kind,
-            "component": source.subfolder,
-            "class_name": source.class_name,
-        },
+        "source": dict(source),
         "component": component,
-        "options": plan.options(),
-        "quantization_config": plan.quantization_config(),
-        "totals": {
-            "source_bytes": plan.source_bytes,
-            "output_bytes": plan.output_bytes,
-            "tensors": len(tensors),
-            "linears": len(plan.linears),
-            "linears_quantized": sum(d.quantized for d in plan.linears.values()),
-            "seconds": round(seconds, 3),
-        },
+        "options": dict(options),
+        "quantization_config": dict(quantization_config),
+        "totals": dict(totals),
         "carried_over": dict(sorted(carried.items())),
         "files": {name: rec.to_dict() for name, rec in sorted(files.items())},
         "tensors": tensors,
     }
+
+
+def saved_manifest(
+    folder: Path,
+    *,
+    class_name: str,
+    options: Mapping[str, Any],
+    quantization_config: Mapping[str, Any],
+    reasons: Mapping[str, str],
+    source_dtypes: Mapping[str, str],
+    origin: Mapping[str, Any],
+    extra_files: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The manifest of a folder an FP8 model in memory was saved into (``save_pretrained``).
+
+    Read back from the files just written (their headers and hashes), so it describes exactly
+    what is on disk. ``reasons`` gives why each kept Linear stayed high precision (module name ->
+    reason), ``source_dtypes`` the dtype each FP8 weight was quantized from, where known.
+    """
+    from .source import open_source
+
+    source = open_source(folder, allow_quantized=True)
+    weight_map = {t.name: t.file.name for t in source.tensors}
+    infos = {t.name: t for t in source.tensors}
+    tensors: list[dict[str, Any]] = []
+    source_bytes = linears = quantized = 0
+    for info in source.tensors:
+        entry: dict[str, Any] = {"name": info.name, "shard": weight_map[info.name], "dtype": info.dtype,
+                                 "shape": list(info.shape)}
+        base = info.name.rsplit(".", 1)[0]
+        scale = next((f"{base}.{n}" for n in ("weight_scale", "weight_scale_inv") if f"{base}.{n}" in infos), None)
+        if info.name.endswith((".weight_scale", ".weight_scale_inv")):
+            entry.update(source_dtype=None, scheme="scale", scale_of=f"{base}.weight")
+        elif info.dtype == "F8_E4M3" and info.name.endswith(".weight") and scale is not None:
+            known = source_dtypes.get(info.name)
+            entry.update(source_dtype=known, scale=scale,
+                         scheme="fp8_tensor" if scale.endswith("weight_scale") else "fp8_block")
+            source_bytes += info.nbytes * (DTYPES[known].itemsize if known else 1)
+            linears += 1
+            quantized += 1
+        else:
+            reason = reasons.get(base) if info.name.endswith(".weight") else None
+            entry.update(source_dtype=info.dtype, scheme=KEPT, reason=reason or "not-linear")
+            source_bytes += info.nbytes
+            linears += reason is not None
+        tensors.append(entry)
+    names = sorted({*weight_map.values(), *([INDEX_NAME] if (folder / INDEX_NAME).is_file() else []), CONFIG_NAME,
+                    *extra_files})
+    files = {name: hash_file(folder / name) for name in names}
+    output_bytes = sum(t.nbytes for t in source.tensors)
+    totals = {"source_bytes": source_bytes, "output_bytes": output_bytes, "tensors": len(tensors),
+              "linears": linears, "linears_quantized": quantized, "seconds": 0.0}
+    origin = {**origin, "kind": "transformer", "component": "", "class_name": class_name}
+    return _assemble(origin, "", options, quantization_config, totals, {}, files, tensors)
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -182,8 +248,10 @@ def _manifest_problem(m: Mapping[str, Any]) -> str | None:
             return f"tensor {t['name']!r} has an unknown scheme or dtype"
         if not isinstance(t.get("shape"), list) or not all(_is_count(d) for d in t["shape"]):
             return f"tensor {t['name']!r} has a malformed shape"
-        if t["scheme"] != "scale" and t.get("source_dtype") not in DTYPES:
+        if t.get("source_dtype") is not None and t["source_dtype"] not in DTYPES:
             return f"tensor {t['name']!r} has an unknown source_dtype"
+        if t["scheme"] == "kept" and t.get("source_dtype") is None:
+            return f"kept tensor {t['name']!r} has no source_dtype"
     return None
 
 

@@ -71,6 +71,7 @@ def quantize_weight(
     ``name`` only serves the error message when the weight holds NaN or Inf. ``out``, an FP8
     tensor of the weight's shape, receives ``q`` instead of a fresh allocation.
     """
+    weight = weight.detach()  # quantization is not differentiable; a LoRA merge may pass a graph
     if block_size is None:
         return quantize_per_tensor(weight, name=name, out=out)
     return quantize_blockwise(weight, block_size, name=name, out=out)

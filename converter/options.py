@@ -13,6 +13,7 @@ vLLM / vllm-omni ``quantization_config`` keys, so a dict written for those works
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -22,7 +23,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = [
-    "Fp8Config", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path", "DEFAULT_MAX_ERROR",
+    "Fp8Config", "QuantMethod", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path", "DEFAULT_MAX_ERROR",
 ]
 
 # ``suggest``'s default bound on the mean relative output error: between the lab DiT's error with
@@ -35,6 +36,18 @@ DEFAULT_MAX_ERROR = 0.065
 ALIGNMENT = 16
 _ACTIVATION_SCHEMES = ("dynamic", "static")
 _METHOD_KEYS = ("method", "quant_method")
+# Keys a checkpoint's quantization_config carries about the file rather than about the options:
+# accepted when such a dict is read back (diffusers does, on from_pretrained), and not kept.
+_CHECKPOINT_KEYS = ("is_checkpoint_fp8_serialized",)
+
+
+class QuantMethod(str, enum.Enum):
+    """``quantization_config["quant_method"]`` of our checkpoints; a str, so it equals ``"fp8"``.
+
+    diffusers reads ``config.quant_method.value``, so the attribute must be an enum member.
+    """
+
+    FP8 = "fp8"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +99,11 @@ class Fp8Config:
             raise ConfigError(f"preset must be a preset name or 'none', got {self.preset!r}.")
 
     @property
+    def quant_method(self) -> QuantMethod:
+        """vLLM's and diffusers' name for ``method``."""
+        return QuantMethod.FP8
+
+    @property
     def scheme(self) -> str:
         """The manifest's name for how eligible weights are stored."""
         return "fp8_tensor" if self.weight_block_size is None else "fp8_block"
@@ -98,7 +116,7 @@ class Fp8Config:
                 f"quantization_config must be a dict or Fp8Config, got {type(values).__name__}."
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(repr(k) for k in values if k not in known and k not in _METHOD_KEYS)
+        unknown = sorted(repr(k) for k in values if k not in known and k not in (*_METHOD_KEYS, *_CHECKPOINT_KEYS))
         if unknown:
             raise ConfigError(
                 f"unknown quantization_config key(s) {', '.join(unknown)}; "

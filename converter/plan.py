@@ -49,6 +49,7 @@ __all__ = [
     "Plan",
     "make_plan",
     "check_tensors_match",
+    "checkpoint_quantization_config",
 ]
 
 FP8_TENSOR, FP8_BLOCK, KEPT = "fp8_tensor", "fp8_block", "kept"
@@ -227,10 +228,20 @@ def _weight_dtype_reads(cls: type) -> tuple[str, ...]:
 
 
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Module name -> (out_features, in_features) for every ``nn.Linear`` (subclasses included)."""
-    return {
-        name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)
-    }
+    """Module name -> (out_features, in_features) for every ``nn.Linear`` (subclasses included).
+
+    Inside a LoRA-wrapped layer (a module with a ``base_layer``, as peft makes them) only the
+    base layer counts: the adapters' own small Linears stay in their dtype.
+    """
+    wrappers = [name for name, m in model.named_modules() if isinstance(getattr(m, "base_layer", None), nn.Module)]
+    shapes = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        owner = next((w for w in wrappers if name.startswith(w + ".")), None)
+        if owner is None or name == f"{owner}.base_layer":
+            shapes[name] = (m.out_features, m.in_features)
+    return shapes
 
 
 def meta_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
@@ -374,14 +385,7 @@ class Plan:
 
     def quantization_config(self) -> dict[str, Any]:
         """The ``quantization_config`` block of the output config.json, in vLLM's fp8 convention."""
-        block = self.config.weight_block_size
-        return {
-            "quant_method": "fp8",
-            "activation_scheme": self.config.activation_scheme,
-            "weight_block_size": list(block) if block else None,
-            "ignored_layers": self.kept_linears,
-            "is_checkpoint_fp8_serialized": True,
-        }
+        return checkpoint_quantization_config(self.config, self.kept_linears)
 
     def options(self) -> dict[str, Any]:
         """The options as resolved: the user's, the preset applied, for the manifest."""
@@ -414,6 +418,22 @@ class Plan:
             "quantized_source_bytes": quantized,
             "output_bytes": self.output_bytes,
         }
+
+
+def checkpoint_quantization_config(config: Fp8Config, kept_linears: Iterable[str]) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config`` for FP8 weights made with ``config``, vLLM's way.
+
+    ``ignored_layers`` lists the Linear modules kept in high precision by name, whatever the
+    patterns, presets or alignment that kept them; readers match names, not our patterns.
+    """
+    block = config.weight_block_size
+    return {
+        "quant_method": "fp8",
+        "activation_scheme": config.activation_scheme,
+        "weight_block_size": list(block) if block else None,
+        "ignored_layers": list(kept_linears),
+        "is_checkpoint_fp8_serialized": True,
+    }
 
 
 def _dtype_label(dtype: torch.dtype | None) -> str:

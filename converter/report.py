@@ -92,11 +92,12 @@ def folder_text(folder: Path, manifest: Mapping[str, Any]) -> str:
         if t.get("scale"):
             out += math.prod(by_name[t["scale"]]["shape"]) * 4
         rows.append({"name": t["name"], "shape": t["shape"], "scheme": t["scheme"], "reason": t.get("reason"),
-                     "source_bytes": n * DTYPES[t["source_dtype"]].itemsize, "output_bytes": out})
+                     "source_bytes": n * DTYPES[t["source_dtype"] or t["dtype"]].itemsize, "output_bytes": out})
     block = manifest["quantization_config"]["weight_block_size"]
     lines = [
         f"Folder:   {folder} (omni-fp8 {manifest['tool']['version']}, {manifest['created']})",
-        f"Source:   {source.get('path') or source.get('repo_id')} ({source['kind']}, {source['class_name']})",
+        f"Source:   {source.get('path') or source.get('repo_id') or source.get('from') or source.get('type')} "
+        f"({source['kind']}, {source['class_name']})",
         f"Preset:   {options['preset']}; ignored_layers: {', '.join(options['ignored_layers']) or 'none'}",
         f"Scheme:   {_scheme_words(block)}, {options['activation_scheme']} activations",
         f"Linears:  {totals['linears_quantized']} of {totals['linears']} in FP8",

@@ -20,7 +20,7 @@ from omni_fp8.converter.options import parse_block_size
 
 from .kernels import fp8_linear, gemm_plan, no_fp8_gemm_error
 
-__all__ = ["Fp8Linear"]
+__all__ = ["Fp8Linear", "replace_linears"]
 
 
 class Fp8Linear(nn.Module):
@@ -49,6 +49,9 @@ class Fp8Linear(nn.Module):
         self.out_features = out_features
         self.block_size = parse_block_size(block_size) if block_size is not None else None
         self.force_fp8_gemm = force_fp8_gemm
+        self._compute_dtype = dtype if dtype is not None and dtype.is_floating_point and dtype != FP8_DTYPE else None
+        self._gemm_fn = None
+        self._placed_for: tuple | None = None
         # The bias goes first: diffusers reports a model's dtype as its first floating parameter's,
         # and that should be the compute dtype, not float8.
         if bias:
@@ -109,11 +112,39 @@ class Fp8Linear(nn.Module):
     def scale(self) -> torch.Tensor:
         return getattr(self, self.scale_name)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: its bias's, else the one it was built for (float32 at worst).
+
+        peft reads this to create LoRA adapters in the compute dtype instead of float8.
+        """
+        if self.bias is not None and self.bias.dtype != FP8_DTYPE:
+            return self.bias.dtype
+        return self._compute_dtype or torch.float32
+
+    @compute_dtype.setter
+    def compute_dtype(self, dtype: torch.dtype) -> None:
+        self._compute_dtype = dtype
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.weight, self.scale, self.block_size, dtype)
 
+    def set_quantized_(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Write new FP8 codes and scale into the existing tensors, in place.
+
+        Offloading hooks keep the layer's Parameter objects (group offload snapshots them), so
+        merging a LoRA must change their contents, never replace them; the GEMM plan is redone.
+        """
+        self.weight.data.copy_(weight)
+        self.scale.data.copy_(scale.reshape(self.scale.shape))
+        self._placed_for = None
+        self._place()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, self._gemm_fn, self.gemm_scale)
+        if not torch.compiler.is_compiling() and self._placed_for != self._where():
+            self._place()  # moved by something that bypasses .to() (offloading hooks): re-plan once
+        return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, self._gemm_fn,
+                          self._buffers.get("gemm_scale"))
 
     def extra_repr(self) -> str:
         block = f"{self.block_size[0]}x{self.block_size[1]}" if self.block_size else None
@@ -122,6 +153,10 @@ class Fp8Linear(nn.Module):
             f"scheme={self.scheme}" + (f", block_size={block}" if block else "")
         )
 
+    def _where(self) -> tuple:
+        """Where the weight and scale live now: the GEMM plan is valid while this stays the same."""
+        return self.weight.device, self.weight.data_ptr(), self.scale.data_ptr()
+
     def _after_load(self, *_: object) -> None:
         """After ``load_state_dict``: refuse a scale the contract never writes, then pick the kernel."""
         if self.scale.device.type != "meta":
@@ -129,14 +164,26 @@ class Fp8Linear(nn.Module):
         self._place()
 
     def _place(self, *_: object) -> None:
-        """Decide the kernel for the device the weight is on: once, when placed or loaded."""
+        """Decide the kernel for the device the weight is on: when placed, loaded or moved.
+
+        ``.to()`` calls this through ``_apply``; moves that bypass it (group offloading assigns
+        ``.data``, sequential offloading installs new Parameters) are caught by ``forward``, which
+        compares where the tensors are with where they were when planned, so the FP8 GEMM follows
+        the weight whichever way it moved, and nothing is re-planned while nothing moves.
+        """
         device = self.weight.device
         plan = None if device.type == "meta" else gemm_plan(self.weight, self.scale, self.block_size)
+        self._gemm_fn = None if plan is None else plan[0]
         # The GEMM's scale layout is a buffer (not saved), so torch.compile treats it as an input
         # like the weight and one compiled block serves every block; a plain tensor attribute
-        # would be guarded per module and recompile for each.
-        self._gemm_fn = None if plan is None else plan[0]
-        self.register_buffer("gemm_scale", None if plan is None else plan[1], persistent=False)
+        # would be guarded per module and recompile for each. Without a GEMM there is no buffer
+        # at all (a None buffer trips offloading hooks that move every buffer they find).
+        if plan is None:
+            if "gemm_scale" in self._buffers:
+                delattr(self, "gemm_scale")
+        else:
+            self.register_buffer("gemm_scale", plan[1], persistent=False)
+        self._placed_for = None if device.type == "meta" else self._where()
         if self.force_fp8_gemm and device.type != "meta" and plan is None:
             raise no_fp8_gemm_error(device, self.scheme)
 
@@ -144,13 +191,35 @@ class Fp8Linear(nn.Module):
         """Let ``.to(device)`` move the FP8 weight and scales, but never let ``.to(dtype)`` cast them.
 
         ``Module.to(torch.bfloat16)`` casts every floating tensor, FP8 ones included; here only the
-        bias follows a dtype change, the weight stays FP8 and the scales float32.
+        bias follows a dtype change, the weight stays FP8 and the scales float32. Parameters keep
+        their identity (``.data`` is replaced), as ``Module._apply`` does.
         """
-        target = fn(torch.empty(0, device=self.weight.device))
+        target = fn(torch.empty(0, device=self.weight.device, dtype=self.compute_dtype))
         for name in ("weight", self.scale_name):
             param = getattr(self, name)
-            setattr(self, name, nn.Parameter(param.data.to(target.device), requires_grad=False))
+            param.data = param.data.to(target.device)
         if self.bias is not None:
-            self.bias = nn.Parameter(fn(self.bias.data), requires_grad=False)
+            self.bias.data = fn(self.bias.data)
+        elif target.dtype.is_floating_point:
+            self._compute_dtype = target.dtype
         self._place()
         return self
+
+
+def replace_linears(
+    model: nn.Module, schemes: dict[str, str], block_size: tuple[int, int] | None, *, force_fp8_gemm: bool = False
+) -> None:
+    """Replace every Linear that ``schemes`` marks for FP8 with an empty (meta) ``Fp8Linear``.
+
+    The loaders then fill the new layers tensor by tensor; ``schemes`` maps module name to
+    ``"fp8_tensor"``, ``"fp8_block"`` or ``"kept"`` (the plan's names).
+    """
+    for name, scheme in schemes.items():
+        if scheme == "kept":
+            continue
+        linear = model.get_submodule(name)
+        layer = Fp8Linear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, block_size=block_size,
+            device="meta", dtype=linear.weight.dtype, force_fp8_gemm=force_fp8_gemm,
+        )
+        model.set_submodule(name, layer)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +45,8 @@ from omni_fp8.converter.options import Fp8Config, parse_block_size, parse_dtype
 from omni_fp8.converter.plan import KEPT, check_tensors_match, decide_linears, empty_model, linear_shapes, make_plan
 from omni_fp8.converter.source import Source, open_source
 
-from .fp8_linear import Fp8Linear
+from .fp8_linear import Fp8Linear, replace_linears
+from .fp8_model import Fp8Provenance, mark_fp8
 from .kernels import device_has_fp8, no_fp8_gemm_error
 
 __all__ = ["load_transformer", "QUANTIZATIONS"]
@@ -102,13 +104,16 @@ def load_transformer(
     folder_config = source.config.get("quantization_config")
     _check_quantization_config(source, folder_config)
     if folder_config is not None:
-        _load_converted(model, source, folder_config, explicit, device, dtype, force_fp8_kernels, progress)
+        made = _load_converted(model, source, folder_config, explicit, device, dtype, force_fp8_kernels, progress)
     elif quantization is not None or explicit is not None:
-        _load_quantizing(model, source, explicit or Fp8Config(), device, dtype, force_fp8_kernels, progress)
+        made = _load_quantizing(model, source, explicit or Fp8Config(), device, dtype, force_fp8_kernels, progress)
     else:
-        _load_plain(model, source, device, dtype, progress)
+        made = _load_plain(model, source, device, dtype, progress)
     _check_complete(model, source)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if made is not None:
+        mark_fp8(model, quantization_config=made[0], provenance=made[1], compute_dtype=dtype)
+    return model
 
 
 def _check_quantization_config(source: Source, folder_config: Any) -> None:
@@ -157,10 +162,11 @@ def _usable_device(device: Any) -> torch.device:
 def _load_quantizing(
     model: nn.Module, source: Source, config: Fp8Config, device: torch.device, dtype: torch.dtype | None,
     force: bool, progress: bool,
-) -> None:
+) -> tuple[dict[str, Any], Fp8Provenance]:
     """The converter's plan and numerics, applied tensor by tensor into the model."""
     plan = make_plan(source, config, dtype=dtype, model=model)
-    _swap_linears(model, {n: d.scheme for n, d in plan.linears.items()}, config.weight_block_size, force)
+    replace_linears(model, {n: d.scheme for n, d in plan.linears.items()}, config.weight_block_size,
+                    force_fp8_gemm=force)
     plans = {t.name: t for t in plan.tensors}
 
     def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -173,34 +179,28 @@ def _load_quantizing(
         yield t.scale_name, scale.to(device)
 
     _stream(model, source, place, progress)
+    provenance = Fp8Provenance(
+        options=plan.options(),
+        reasons={name: d.reason for name, d in plan.linears.items() if not d.quantized},
+        source_dtypes={t.name: t.source.dtype for t in plan.tensors if t.scheme != KEPT},
+        origin=dict(source.origin),
+    )
+    return plan.quantization_config(), provenance
 
 
 def _load_converted(
     model: nn.Module, source: Source, folder_config: Mapping[str, Any], explicit: Fp8Config | None,
     device: torch.device, dtype: torch.dtype | None, force: bool, progress: bool,
-) -> None:
+) -> tuple[dict[str, Any], Fp8Provenance]:
     """Memory-map an FP8 folder (ours or any vLLM-style one) into ``Fp8Linear`` modules."""
-    where = source.model_dir / "config.json"
-    if folder_config.get("quant_method") != "fp8":
-        raise UnsupportedSourceError(
-            f"{where}: quantized with {folder_config.get('quant_method')!r}, not fp8; omni-fp8 loads fp8 checkpoints.",
-            path=where,
-        )
-    if folder_config.get("activation_scheme", "dynamic") != "dynamic":
-        raise UnsupportedSourceError(
-            f"{where}: activation_scheme {folder_config.get('activation_scheme')!r} (static input scales) "
-            "is not supported; convert with dynamic activations.",
-            path=where,
-        )
-    _check_manifest(source, folder_config)
-    raw_block = folder_config.get("weight_block_size")
-    block = parse_block_size(raw_block) if raw_block else None
+    block = checkpoint_block_size(folder_config, source.model_dir / "config.json")
+    manifest = check_manifest(source.model_dir, source.root, folder_config)
     infos = {t.name: t for t in source.tensors}
     shapes = linear_shapes(model)
-    schemes = _folder_schemes(shapes, infos, block, source)
+    schemes = checkpoint_schemes(shapes, infos, block, source.model_dir)
     if explicit is not None:
         _check_agrees(explicit, schemes, block, model, source)
-    _swap_linears(model, schemes, block, force)
+    replace_linears(model, schemes, block, force_fp8_gemm=force)
 
     def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         # Checked on the mapped bytes, before they are copied anywhere (see the README's Safety).
@@ -218,6 +218,44 @@ def _load_converted(
     codes = _NanCodes()
     _stream(model, source, place, progress)
     codes.finish()
+    return dict(folder_config), checkpoint_provenance(folder_config, schemes, manifest, source.origin)
+
+
+def checkpoint_block_size(folder_config: Mapping[str, Any], where: Any) -> tuple[int, int] | None:
+    """The weight block size of an fp8 checkpoint's ``quantization_config``, refusing what we cannot load."""
+    if folder_config.get("quant_method") != "fp8":
+        raise UnsupportedSourceError(
+            f"{where}: quantized with {folder_config.get('quant_method')!r}, not fp8; omni-fp8 loads fp8 checkpoints.",
+            path=where,
+        )
+    if folder_config.get("activation_scheme", "dynamic") != "dynamic":
+        raise UnsupportedSourceError(
+            f"{where}: activation_scheme {folder_config.get('activation_scheme')!r} (static input scales) "
+            "is not supported; convert with dynamic activations.",
+            path=where,
+        )
+    raw_block = folder_config.get("weight_block_size")
+    return parse_block_size(raw_block) if raw_block else None
+
+
+def checkpoint_provenance(
+    folder_config: Mapping[str, Any], schemes: Mapping[str, str], manifest: Mapping[str, Any] | None,
+    origin: Mapping[str, Any],
+) -> Fp8Provenance:
+    """What a save of a model loaded from a checkpoint records: the manifest's story where there is one."""
+    if manifest is None:  # another tool's fp8 folder: all we know is what it holds
+        options = {"method": "fp8", "preset": "none", "dtype": "keep",
+                   "ignored_layers": list(folder_config.get("ignored_layers") or []),
+                   "activation_scheme": folder_config.get("activation_scheme", "dynamic"),
+                   "weight_block_size": folder_config.get("weight_block_size")}
+        reasons = {name: "checkpoint" for name, scheme in schemes.items() if scheme == KEPT}
+        return Fp8Provenance(options, reasons, {}, dict(origin))
+    entries = manifest["tensors"]
+    reasons = {e["name"].rsplit(".", 1)[0]: e["reason"] for e in entries
+               if e["scheme"] == KEPT and e["name"].rsplit(".", 1)[0] in schemes and e["name"].endswith(".weight")}
+    dtypes = {e["name"]: e["source_dtype"] for e in entries if e["scheme"] in ("fp8_tensor", "fp8_block")
+              and e.get("source_dtype")}
+    return Fp8Provenance(dict(manifest["options"]), reasons, dtypes, dict(manifest["source"]))
 
 
 class _NanCodes:
@@ -257,27 +295,30 @@ class _NanCodes:
         )
 
 
-def _check_manifest(source: Source, folder_config: Mapping[str, Any]) -> None:
-    """An omni-fp8 folder's config.json must still say what its manifest recorded."""
+def check_manifest(model_dir: Path, root: Path, folder_config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An omni-fp8 folder's config.json must still say what its manifest recorded; returns the manifest."""
     from omni_fp8.converter.manifest import read_manifest
     from omni_fp8.converter.source import MANIFEST_NAME
 
-    for folder in (source.model_dir, source.root):
+    for folder in dict.fromkeys((model_dir, root)):
         if (folder / MANIFEST_NAME).is_file():
             manifest = read_manifest(folder)
+            if (folder / manifest["component"]).resolve() != model_dir.resolve():
+                continue  # a manifest about another folder (a pipeline's, say)
             if manifest["quantization_config"] != dict(folder_config):
                 raise ModelMismatchError(
-                    f"{source.model_dir / 'config.json'}: quantization_config differs from {folder / MANIFEST_NAME}; "
+                    f"{model_dir / 'config.json'}: quantization_config differs from {folder / MANIFEST_NAME}; "
                     "the folder was edited after conversion. Run omni-convert verify, or convert again.",
-                    path=source.model_dir,
+                    path=model_dir,
                 )
-            return
+            return manifest
+    return None
 
 
-def _folder_schemes(
-    shapes: Mapping[str, tuple[int, int]], infos: Mapping[str, Any], block: tuple[int, int] | None, source: Source
+def checkpoint_schemes(
+    shapes: Mapping[str, tuple[int, int]], infos: Mapping[str, Any], block: tuple[int, int] | None, model_dir: Path
 ) -> dict[str, str]:
-    """Which Linears a converted folder holds in FP8, checking each one's scale."""
+    """Which Linears an FP8 checkpoint holds in FP8 (its weights say so), checking each one's scale."""
     schemes = {}
     for module, (n, k) in shapes.items():
         weight = infos.get(f"{module}.weight")
@@ -296,9 +337,9 @@ def _folder_schemes(
                 else ""
             )
             raise ModelMismatchError(
-                f"{source.model_dir}: {module}.weight is FP8 but {scale_name} is missing{hint}; the checkpoint "
+                f"{model_dir}: {module}.weight is FP8 but {scale_name} is missing{hint}; the checkpoint "
                 "is incomplete or damaged, convert it again.",
-                path=source.model_dir,
+                path=model_dir,
             )
         if scale.dtype != "F32" or tuple(scale.shape) not in (want, (1,) if want == () else want):
             raise ModelMismatchError(
@@ -334,6 +375,7 @@ def _check_agrees(
 def _load_plain(
     model: nn.Module, source: Source, device: torch.device, dtype: torch.dtype | None, progress: bool
 ) -> None:
+    """A high-precision checkpoint loaded as it is (no FP8): the ordinary model."""
     check_tensors_match(source, model)
     def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None, name=name)
@@ -364,21 +406,6 @@ def _owned(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None
     if dtype is not None and dtype != tensor.dtype:
         tensor = cast_checked(tensor, dtype, name=name)
     return tensor.to(device=device, copy=True)
-
-
-def _swap_linears(
-    model: nn.Module, schemes: Mapping[str, str], block: tuple[int, int] | None, force: bool
-) -> None:
-    """Replace every Linear marked for FP8 with an empty (meta) ``Fp8Linear`` of the same shape."""
-    for name, scheme in schemes.items():
-        if scheme == KEPT:
-            continue
-        linear = model.get_submodule(name)
-        layer = Fp8Linear(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, block_size=block,
-            device="meta", dtype=linear.weight.dtype, force_fp8_gemm=force,
-        )
-        model.set_submodule(name, layer)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ alignment, layers whose dtype the forward reads) and the eligible ones are repla
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,9 +20,11 @@ from torch import nn
 
 from omni_fp8.converter.errors import ConfigError
 from omni_fp8.converter.options import Fp8Config
-from omni_fp8.converter.plan import decide_linears
+from omni_fp8.converter.plan import checkpoint_quantization_config, decide_linears
+from omni_fp8.converter.safetensors_format import dtype_name
 
 from .fp8_linear import Fp8Linear
+from .fp8_model import Fp8Provenance, mark_fp8
 
 __all__ = ["quantize_"]
 
@@ -37,12 +40,24 @@ def quantize_(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"quantize_ takes a torch.nn.Module (a diffusers transformer), got {type(model).__name__}.")
     config = Fp8Config.coerce(config)
-    decisions = decide_linears(model, config).decisions
+    plan = decide_linears(model, config)
+    source_dtypes = {}
     with torch.no_grad():
-        for name, decision in decisions.items():
+        for name, decision in plan.decisions.items():
             if not decision.quantized:
                 continue
             linear = model.get_submodule(name)
+            source_dtypes[f"{name}.weight"] = dtype_name(linear.weight.dtype)
             model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size, force_fp8_gemm=force_fp8_kernels))
             del linear
+    if "peft" in sys.modules:  # LoRA loaded before quantizing: its wrappers must merge into FP8
+        from .lora import adopt_lora_wrappers
+
+        adopt_lora_wrappers(model)
+    options = {**config.to_dict(), "preset": plan.preset.name if plan.preset else "none",
+               "ignored_layers": list(plan.ignored_layers), "dtype": "keep"}
+    kept = [name for name, d in plan.decisions.items() if not d.quantized]
+    mark_fp8(model, quantization_config=checkpoint_quantization_config(config, kept),
+             provenance=Fp8Provenance(options, {n: plan.decisions[n].reason for n in kept}, source_dtypes,
+                                      {"type": "memory", "class_name": type(model).__name__}))
     return model

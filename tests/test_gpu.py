@@ -139,3 +139,77 @@ def test_weight_quantization_on_the_gpu_gives_the_cpu_bits(block, dtype):
     q_gpu, s_gpu = quantize_weight(w.cuda(), block)
     assert torch.equal(q_gpu.cpu().view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(s_gpu.cpu(), s)
+
+
+# --- Offloading: every mode must run the FP8 kernels after moving the weights to the GPU ------
+
+def _qwen_gpu_inputs(model, device="cuda"):
+    """64 image + 16 text tokens: more than 16 rows, so the FP8 GEMM (not only the GEMV) runs."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(1, 64, cfg.in_channels, generator=g).bfloat16().to(device),
+        "encoder_hidden_states": torch.randn(1, 16, cfg.joint_attention_dim, generator=g).bfloat16().to(device),
+        "encoder_hidden_states_mask": torch.ones(1, 16, dtype=torch.bool, device=device),
+        "timestep": torch.full((1,), 0.5).bfloat16().to(device),
+        "img_shapes": [[(1, 8, 8)]],
+        "return_dict": False,
+    }
+
+
+def _run_gpu(family, model):
+    with torch.no_grad():
+        if family == "qwen":
+            return model(**_qwen_gpu_inputs(model))[0].float().cpu()
+        g = torch.Generator().manual_seed(0)
+        cfg = model.config
+        x = [torch.randn(cfg.in_channels, 1, 16, 16, generator=g).bfloat16().cuda()]
+        cap = [torch.randn(24, cfg.cap_feat_dim, generator=g).bfloat16().cuda()]
+        return torch.stack(model(x, torch.full((1,), 0.4).bfloat16().cuda(), cap, return_dict=False)[0]).float().cpu()
+
+
+def _apply_offload(model, mode):
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    if mode == "model":  # what enable_model_cpu_offload puts on each component
+        cpu_offload_with_hook(model, execution_device=cuda)
+    elif mode == "sequential":  # what enable_sequential_cpu_offload does
+        cpu_offload(model, execution_device=cuda, offload_buffers=len(model._parameters) > 0)
+    else:
+        level, stream = mode.split("-")[1], mode.endswith("stream")
+        model.enable_group_offload(onload_device=cuda, offload_device=cpu, offload_type=f"{level}_level",
+                                   num_blocks_per_group=1 if level == "block" else None, use_stream=stream)
+
+
+@needs_fp8
+@pytest.mark.parametrize("family", ["qwen", "zimage"])
+@pytest.mark.parametrize("mode", ["model", "sequential", "group-block", "group-leaf", "group-block-stream",
+                                  "group-leaf-stream"])
+def test_every_offload_mode_runs_the_fp8_kernels(family, mode, request, monkeypatch):
+    pytest.importorskip("accelerate")
+    import omni_fp8.runtime.fp8_linear as fp8_linear_module
+
+    src = request.getfixturevalue({"qwen": "qwen_src", "zimage": "zimage_src"}[family])
+    kwargs = {"quantization": "fp8", "quantization_config": {"preset": "none"}, "dtype": torch.bfloat16,
+              "progress": False}
+    expected = _run_gpu(family, load_transformer(src, device="cuda", **kwargs))
+    model = load_transformer(src, **kwargs)  # on the CPU, as offloading starts
+    calls = {"fp8_linear": 0, "emulated": 0}
+    real_linear, real_emulated = fp8_linear_module.fp8_linear, kernels._emulated
+
+    def counting_linear(*args, **kw):
+        calls["fp8_linear"] += 1
+        return real_linear(*args, **kw)
+
+    def counting_emulated(*args, **kw):
+        calls["emulated"] += 1
+        return real_emulated(*args, **kw)
+
+    monkeypatch.setattr(fp8_linear_module, "fp8_linear", counting_linear)
+    monkeypatch.setattr(kernels, "_emulated", counting_emulated)
+    _apply_offload(model, mode)
+    for _ in range(2):
+        out = _run_gpu(family, model)
+        assert rel_l2(out, expected) < 1e-3
+    assert calls["fp8_linear"] > 0 and calls["emulated"] == 0, calls

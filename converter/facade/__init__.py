@@ -23,7 +23,10 @@ from omni_fp8.converter import (
 from omni_fp8.converter import errors
 from omni_fp8.converter.manifest import tool_version
 from omni_fp8.runtime import Fp8Linear, load_transformer, quantize_
+from omni_fp8.runtime.registration import install as _install_integrations
 from omni_fp8.runtime.sensitivity import load_inputs, record_inputs, save_inputs, sensitivity, suggest
+
+_install_integrations()  # diffusers' from_pretrained reads FP8 folders, peft wraps FP8 layers for LoRA
 
 __version__ = tool_version()
 
