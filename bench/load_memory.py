@@ -6,6 +6,8 @@ once with ``omni-convert`` (untimed), then loads it three ways, each in a fresh 
 * ``diffusers bf16``  ``QwenImageTransformer2DModel.from_pretrained(SRC, dtype=bfloat16)``
 * ``fp8 at load``     ``load_transformer(SRC, quantization="fp8", quantization_config={"preset": "none"})``
 * ``fp8 converted``   ``load_transformer(OUT)``
+* ``diffusers fp8 on the fly`` / ``diffusers fp8 converted``: diffusers' own ``from_pretrained``
+  with the FP8 quantizer (``quantization_config=Fp8Config(preset="none")`` / the converted folder)
 
 and prints the load time (inside the process, imports excluded, checkpoint warm in the page
 cache), the peak RSS of the process (``/usr/bin/time``) and, with ``--device cuda``, the peak GPU
@@ -40,6 +42,11 @@ if kind == "diffusers bf16":
     model = QwenImageTransformer2DModel.from_pretrained(path, dtype=torch.bfloat16).to(device)
 elif kind == "fp8 at load":
     model = load_transformer(path, quantization="fp8", quantization_config={"preset": "none"}, device=device, progress=False)
+elif kind == "diffusers fp8 on the fly":
+    from omni_fp8 import Fp8Config
+    model = QwenImageTransformer2DModel.from_pretrained(path, quantization_config=Fp8Config(preset="none"), dtype=torch.bfloat16).to(device)
+elif kind == "diffusers fp8 converted":
+    model = QwenImageTransformer2DModel.from_pretrained(path, dtype=torch.bfloat16).to(device)
 else:
     model = load_transformer(path, device=device, progress=False)
 if device == "cuda":
@@ -85,7 +92,8 @@ def main() -> None:
     source_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
 
     results = {}
-    for kind, path in (("diffusers bf16", src), ("fp8 at load", src), ("fp8 converted", out)):
+    for kind, path in (("diffusers bf16", src), ("fp8 at load", src), ("fp8 converted", out),
+                       ("diffusers fp8 on the fly", src), ("diffusers fp8 converted", out)):
         os.sync()
         warm(path)
         results[kind] = run(kind, path, args.device)
@@ -95,9 +103,9 @@ def main() -> None:
     base = results["diffusers bf16"]
     print(f"\nQwen-Image, real widths, {args.blocks} blocks, {source_bytes / 1e9:.2f} GB BF16, device {args.device}")
     gpu = args.device == "cuda"
-    print(f"{'load':<16} {'seconds':>8} {'weights':>9} {'peak RSS':>9} {'RSS vs BF16':>12}" + (f" {'GPU peak':>9}" if gpu else ""))
+    print(f"{'load':<24} {'seconds':>8} {'weights':>9} {'peak RSS':>9} {'RSS vs BF16':>12}" + (f" {'GPU peak':>9}" if gpu else ""))
     for kind, r in results.items():
-        print(f"{kind:<16} {r['seconds']:>8.1f} {r['weight_bytes'] / 2**30:>5.2f} GiB {r['peak_rss'] / 2**30:>5.2f} GiB "
+        print(f"{kind:<24} {r['seconds']:>8.1f} {r['weight_bytes'] / 2**30:>5.2f} GiB {r['peak_rss'] / 2**30:>5.2f} GiB "
               f"{r['peak_rss'] / base['peak_rss']:>11.2f}x" + (f" {r['gpu_peak'] / 2**30:>5.2f} GiB" if gpu else ""))
     if args.json:
         args.json.write_text(json.dumps({"blocks": args.blocks, "device": args.device, "results": results}, indent=2))

@@ -165,6 +165,21 @@ class Fp8Quantizer(DiffusersQuantizer):
                     path=info.file,
                 )
 
+    def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Own the tensors we do not claim (biases, norms, kept Linears), as ``load_transformer`` does.
+
+        diffusers reads each shard as views of its memory map; a parameter left viewing it would
+        keep the whole file mapped (and every page read counted in the process's memory) until
+        the load ends. FP8 weights and scales are copied or quantized in ``create_quantized_param``,
+        so once a shard is done nothing refers to its map.
+        """
+        return {name: value if self._claims(name) or not torch.is_tensor(value) else value.clone()
+                for name, value in state_dict.items()}
+
+    def _claims(self, name: str) -> bool:
+        module, _, attr = name.rpartition(".")
+        return attr in ("weight", *_SCALES) and self._schemes.get(module, KEPT) != KEPT
+
     def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
         if self.pre_quantized:
             return missing_keys
@@ -230,7 +245,7 @@ class Fp8Quantizer(DiffusersQuantizer):
                 "incomplete or damaged.", path=self._folder)
         for module in model.modules():
             if isinstance(module, Fp8Linear):
-                module._place()
+                module._place(rescale=True)
         from omni_fp8.converter.plan import checkpoint_quantization_config
 
         if self.pre_quantized and self._folder_config is not None:

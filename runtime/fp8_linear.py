@@ -18,7 +18,7 @@ from torch import nn
 from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, check_scale, dequantize_weight, quantize_weight
 from omni_fp8.converter.options import parse_block_size
 
-from .kernels import fp8_linear, gemm_plan, no_fp8_gemm_error
+from .kernels import fp8_linear, gemm_for, gemm_scale_layout, no_fp8_gemm_error
 
 __all__ = ["Fp8Linear", "replace_linears"]
 
@@ -98,7 +98,7 @@ class Fp8Linear(nn.Module):
         setattr(self, self.scale_name, nn.Parameter(scale.to(torch.float32), requires_grad=False))
         if bias is not None:
             self.bias = nn.Parameter(bias, requires_grad=False)
-        self._place()
+        self._place(rescale=True)
 
     @property
     def scheme(self) -> str:
@@ -137,8 +137,7 @@ class Fp8Linear(nn.Module):
         """
         self.weight.data.copy_(weight)
         self.scale.data.copy_(scale.reshape(self.scale.shape))
-        self._placed_for = None
-        self._place()
+        self._place(rescale=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling() and self._placed_for != self._where():
@@ -161,30 +160,39 @@ class Fp8Linear(nn.Module):
         """After ``load_state_dict``: refuse a scale the contract never writes, then pick the kernel."""
         if self.scale.device.type != "meta":
             check_scale(self.scale, name=self.scale_name, where=f"Fp8Linear({self.extra_repr()})")
-        self._place()
+        self._place(rescale=True)
 
-    def _place(self, *_: object) -> None:
+    def _place(self, *_: object, rescale: bool = False) -> None:
         """Decide the kernel for the device the weight is on: when placed, loaded or moved.
 
         ``.to()`` calls this through ``_apply``; moves that bypass it (group offloading assigns
         ``.data``, sequential offloading installs new Parameters) are caught by ``forward``, which
         compares where the tensors are with where they were when planned, so the FP8 GEMM follows
         the weight whichever way it moved, and nothing is re-planned while nothing moves.
+
+        The GEMM's scale layout is a non-persistent buffer, so torch.compile treats it as an
+        input like the weight and one compiled block serves every block (a plain attribute would
+        be guarded per module and recompile for each). It always exists once the scale is real
+        (offloading hooks snapshot and move every buffer when they are set up, so one created
+        later would be unknown to them), its values follow the scale (``rescale``, or first
+        placement), and a move only moves it, keeping the same tensor object.
         """
         device = self.weight.device
-        plan = None if device.type == "meta" else gemm_plan(self.weight, self.scale, self.block_size)
-        self._gemm_fn = None if plan is None else plan[0]
-        # The GEMM's scale layout is a buffer (not saved), so torch.compile treats it as an input
-        # like the weight and one compiled block serves every block; a plain tensor attribute
-        # would be guarded per module and recompile for each. Without a GEMM there is no buffer
-        # at all (a None buffer trips offloading hooks that move every buffer they find).
-        if plan is None:
-            if "gemm_scale" in self._buffers:
-                delattr(self, "gemm_scale")
-        else:
-            self.register_buffer("gemm_scale", plan[1], persistent=False)
-        self._placed_for = None if device.type == "meta" else self._where()
-        if self.force_fp8_gemm and device.type != "meta" and plan is None:
+        if device.type == "meta" or self.scale.device.type == "meta":
+            self._gemm_fn, self._placed_for = None, None
+            return
+        buf = self._buffers.get("gemm_scale")
+        if rescale or buf is None or buf.device.type == "meta":
+            layout = gemm_scale_layout(self.scale.detach(), self.out_features, self.block_size).to(device)
+            if buf is None:
+                self.register_buffer("gemm_scale", layout, persistent=False)
+            else:
+                buf.data = layout
+        elif buf.device != device:
+            buf.data = buf.data.to(device)
+        self._gemm_fn = gemm_for(device, (self.out_features, self.in_features), self.block_size)
+        self._placed_for = self._where()
+        if self.force_fp8_gemm and self._gemm_fn is None:
             raise no_fp8_gemm_error(device, self.scheme)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
@@ -198,6 +206,8 @@ class Fp8Linear(nn.Module):
         for name in ("weight", self.scale_name):
             param = getattr(self, name)
             param.data = param.data.to(target.device)
+        if "gemm_scale" in self._buffers:
+            self.gemm_scale.data = self.gemm_scale.data.to(target.device)
         if self.bias is not None:
             self.bias.data = fn(self.bias.data)
         elif target.dtype.is_floating_point:

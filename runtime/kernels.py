@@ -29,7 +29,7 @@ from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_a
 
 from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, fp8_weight_gemv, gemv_supports, quantize_activation_cuda
 
-__all__ = ["fp8_linear", "device_has_fp8", "gemm_plan", "FP8_MIN_CAPABILITY", "CUBLAS_BLOCK"]
+__all__ = ["fp8_linear", "device_has_fp8", "gemm_for", "gemm_scale_layout", "FP8_MIN_CAPABILITY", "CUBLAS_BLOCK"]
 
 FP8_MIN_CAPABILITY = (8, 9)
 CUBLAS_BLOCK = (128, 128)  # the only block shape cuBLASLt's block-scaled FP8 GEMM takes
@@ -81,24 +81,27 @@ def no_fp8_gemm_error(device: torch.device, scheme: str = "fp8") -> ConfigError:
     )
 
 
-def gemm_plan(
-    weight: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] | None
-) -> tuple[Callable, torch.Tensor] | None:
-    """The FP8 GEMM for this weight and its scale in the layout that GEMM wants, or ``None``.
+def gemm_for(device: torch.device, shape: tuple[int, int], block_size: tuple[int, int] | None) -> Callable | None:
+    """The FP8 GEMM for a weight of ``shape`` on ``device``, or ``None`` (emulate).
 
-    Decided once, when a layer is placed on its device: the forward only calls what this returns
-    (nothing to look up per call, nothing for ``torch.compile`` to trace through).
+    Decided when a layer is placed or moved: the forward only calls what this returns (nothing
+    to look up per call, nothing for ``torch.compile`` to trace through).
     """
-    if weight.device.type != "cuda" or not device_has_fp8(weight.device):
+    if device.type != "cuda" or not device_has_fp8(device):
         return None
-    n, k = weight.shape
+    n, k = shape
     if block_size is None:
-        return _rowwise_mm, _weight_scale_for_gemm(scale, n, None)
+        return _rowwise_mm
     if tuple(block_size) != CUBLAS_BLOCK or n % 128 or k % 128:
         return None
-    if _probe(weight.device, CUBLAS_BLOCK) is None:
+    if _probe(device, CUBLAS_BLOCK) is None:
         return None
-    return _blockwise_mm, _weight_scale_for_gemm(scale, n, block_size)
+    return _blockwise_mm
+
+
+def gemm_scale_layout(scale: torch.Tensor, n: int, block_size: tuple[int, int] | None) -> torch.Tensor:
+    """The weight scale in the layout the FP8 GEMM takes; the same values on every device."""
+    return _weight_scale_for_gemm(scale, n, block_size)
 
 
 def _weight_scale_for_gemm(scale: torch.Tensor, n: int, block_size: tuple[int, int] | None) -> torch.Tensor:
@@ -121,7 +124,7 @@ def fp8_linear(
 ) -> torch.Tensor:
     """``x @ dequant(weight).T + bias`` with dynamic FP8 activations; output in ``x.dtype``.
 
-    ``mm`` and ``gemm_scale`` (from ``gemm_plan``) are the FP8 GEMM and its weight scale;
+    ``mm`` and ``gemm_scale`` (``gemm_for``, ``gemm_scale_layout``) are the FP8 GEMM and its weight scale;
     ``None`` means emulate.
     """
     shape = x.shape

@@ -444,7 +444,7 @@ def _check_complete(model: nn.Module, source: Source) -> None:
         )
     for module in model.modules():
         if isinstance(module, Fp8Linear):
-            module._place()
+            module._place(rescale=True)
 
 
 def _bar(total: int, progress: bool) -> tqdm:
