@@ -23,7 +23,10 @@ from .safetensors_format import DTYPES, dtype_name
 from .source import MANIFEST_NAME, read_json
 from .writer import FileRecord, hash_file
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_VERSION", "build_manifest", "read_manifest", "verify", "VerifyReport"]
+__all__ = [
+    "MANIFEST_FORMAT", "MANIFEST_VERSION", "build_manifest", "read_manifest", "verify", "VerifyReport",
+    "build_file_record", "read_file_record", "FILE_RECORD_KEY",
+]
 
 MANIFEST_FORMAT = "omni-fp8-manifest"
 MANIFEST_VERSION = 1
@@ -245,3 +248,58 @@ def verify(folder: str | Path, *, on_bytes: Callable[[int], None] | None = None)
 
 def manifest_total_bytes(manifest: Mapping[str, Any]) -> int:
     return sum(f["size"] for f in manifest.get("files", {}).values())
+
+
+# A single-file output carries its record in the safetensors header's ``__metadata__`` under this
+# key: the file cannot list its own hash, but it can say it is ours and what it holds.
+FILE_RECORD_KEY = "omni-fp8"
+FILE_RECORD_FORMAT = "omni-fp8-file"
+
+
+def build_file_record(plan: Plan, tensors: Mapping[str, list[str]], *, seconds: float) -> dict[str, Any]:
+    """What a single-file output embeds: tool, source, options, totals, and each tensor's sources.
+
+    Args:
+        tensors: Output tensor name -> the source tensors it was made from, in order.
+    """
+    source = plan.source
+    return {
+        "format": FILE_RECORD_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "tool": {"name": "omni-fp8", "version": tool_version()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "target": plan.target,
+        "source": {**source.origin, "kind": source.kind, "component": source.subfolder,
+                   "class_name": source.class_name},
+        "options": plan.options(),
+        "totals": {
+            "source_bytes": plan.source_bytes,
+            "linears": len(plan.linears),
+            "linears_quantized": sum(d.quantized for d in plan.linears.values()),
+            "seconds": round(seconds, 3),
+        },
+        "kept": {t.name: t.reason for t in plan.tensors if t.scheme == KEPT and t.reason != "not-linear"},
+        "tensors": dict(tensors),
+    }
+
+
+def read_file_record(metadata: Mapping[str, str], tensor_names: set[str]) -> dict[str, Any] | None:
+    """The embedded record of a single-file output, or ``None`` if the file is not one of ours.
+
+    Ours means: the record parses, has our format, and lists exactly the tensors the file holds
+    (a file edited or assembled by something else does not qualify).
+    """
+    import json
+
+    raw = metadata.get(FILE_RECORD_KEY)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != FILE_RECORD_FORMAT:
+        return None
+    if record.get("format_version") != MANIFEST_VERSION or not isinstance(record.get("tensors"), dict):
+        return None
+    return record if set(record["tensors"]) == tensor_names else None
