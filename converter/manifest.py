@@ -85,18 +85,8 @@ def build_manifest(
                     "scale_of": t.name,
                 }
             )
-    source = plan.source
     return {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "tool": {"name": "omni-fp8", "version": tool_version()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            **source.origin,
-            "kind": source.kind,
-            "component": source.subfolder,
-            "class_name": source.class_name,
-        },
+        **_header(plan, MANIFEST_FORMAT),
         "component": component,
         "options": plan.options(),
         "quantization_config": plan.quantization_config(),
@@ -111,6 +101,19 @@ def build_manifest(
         "carried_over": dict(sorted(carried.items())),
         "files": {name: rec.to_dict() for name, rec in sorted(files.items())},
         "tensors": tensors,
+    }
+
+
+def _header(plan: Plan, format_name: str) -> dict[str, Any]:
+    """What every record of a conversion starts with: format, tool, time, and the source."""
+    source = plan.source
+    return {
+        "format": format_name,
+        "format_version": MANIFEST_VERSION,
+        "tool": {"name": "omni-fp8", "version": tool_version()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {**source.origin, "kind": source.kind, "component": source.subfolder,
+                   "class_name": source.class_name},
     }
 
 
@@ -262,15 +265,9 @@ def build_file_record(plan: Plan, tensors: Mapping[str, list[str]], *, seconds: 
     Args:
         tensors: Output tensor name -> the source tensors it was made from, in order.
     """
-    source = plan.source
     return {
-        "format": FILE_RECORD_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "tool": {"name": "omni-fp8", "version": tool_version()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_header(plan, FILE_RECORD_FORMAT),
         "target": plan.target,
-        "source": {**source.origin, "kind": source.kind, "component": source.subfolder,
-                   "class_name": source.class_name},
         "options": plan.options(),
         "totals": {
             "source_bytes": plan.source_bytes,

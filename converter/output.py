@@ -24,7 +24,7 @@ import shutil
 import socket
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,13 +142,22 @@ def publish(staging: Path, out: Path, existing: Existing | None) -> None:
     that appeared at ``out`` meanwhile is never replaced (the run fails and leaves it alone).
     """
     (staging / _OWNER_FILE).unlink(missing_ok=True)
+    _swap_in(staging, out, existing, still_ours=lambda aside: _still_replaceable(aside, existing),
+             discard=lambda aside: shutil.rmtree(aside, ignore_errors=True))
+
+
+def _swap_in(
+    new: Path, out: Path, existing: Existing | None, *, still_ours: Callable[[Path], bool],
+    discard: Callable[[Path], None],
+) -> None:
+    """Rename ``new`` to ``out``; what is at ``out`` is moved aside and discarded only if ``still_ours``."""
     if existing is None:
         try:
-            _rename_noreplace(staging, out)
+            _rename_noreplace(new, out)
         except FileExistsError:
             raise OutputExistsError(
                 f"{out}: appeared while converting (another run or program created it); it was left as it is "
-                "and this run's output discarded. Convert again, or choose another folder.",
+                "and this run's output discarded. Convert again, or choose another path.",
                 path=out,
             ) from None
         return
@@ -156,19 +165,19 @@ def publish(staging: Path, out: Path, existing: Existing | None) -> None:
     try:
         _rename_noreplace(out, aside)
     except FileNotFoundError:  # removed meanwhile: nothing to replace
-        return publish(staging, out, None)
-    if not _still_replaceable(aside, existing):
+        return _swap_in(new, out, None, still_ours=still_ours, discard=discard)
+    if not still_ours(aside):
         _put_back(aside, out)
         raise _changed(out)
     try:
-        _rename_noreplace(staging, out)
+        _rename_noreplace(new, out)
     except FileExistsError:
         raise OutputExistsError(
             f"{out}: appeared while publishing; the earlier output is kept at {aside} and this run's output "
             "discarded. Convert again.",
             path=out,
         ) from None
-    shutil.rmtree(aside, ignore_errors=True)
+    discard(aside)
 
 
 def _still_replaceable(folder: Path, existing: Existing) -> bool:
@@ -243,40 +252,18 @@ def _check_file_replaceable(out: Path) -> None:
 
 def publish_file(staged: Path, out: Path, existing: Existing | None) -> None:
     """``publish`` for one file: ``out`` is replaced only if it is still the file checked at start."""
-    if existing is None:
+
+    def still_ours(aside: Path) -> bool:
+        st = os.lstat(aside)
+        if (st.st_dev, st.st_ino) != (existing.device, existing.inode) or not stat.S_ISREG(st.st_mode):
+            return False
         try:
-            _rename_noreplace(staged, out)
-        except FileExistsError:
-            raise OutputExistsError(
-                f"{out}: appeared while converting (another run or program created it); it was left as it is and "
-                "this run's output discarded. Convert again, or choose another path.",
-                path=out,
-            ) from None
-        return
-    aside = out.parent / f".{out.name}{_REPLACED_MARK}{uuid.uuid4().hex[:8]}"
-    try:
-        _rename_noreplace(out, aside)
-    except FileNotFoundError:
-        return publish_file(staged, out, None)
-    st = os.lstat(aside)
-    try:
-        replaceable = (st.st_dev, st.st_ino) == (existing.device, existing.inode) and stat.S_ISREG(st.st_mode)
-        if replaceable:
             _check_file_replaceable(aside)
-    except OutputExistsError:
-        replaceable = False
-    if not replaceable:
-        _put_back(aside, out)
-        raise _changed(out)
-    try:
-        _rename_noreplace(staged, out)
-    except FileExistsError:
-        raise OutputExistsError(
-            f"{out}: appeared while publishing; the earlier output is kept at {aside} and this run's output "
-            "discarded. Convert again.",
-            path=out,
-        ) from None
-    aside.unlink(missing_ok=True)
+        except OutputExistsError:
+            return False
+        return True
+
+    _swap_in(staged, out, existing, still_ours=still_ours, discard=lambda aside: aside.unlink(missing_ok=True))
 
 
 _RENAME_NOREPLACE = 1
