@@ -18,7 +18,7 @@ import click
 from .convert import DEFAULT_MAX_SHARD_SIZE, execute
 from .errors import ConfigError, OmniFp8Error
 from .manifest import read_manifest, verify
-from .options import DEFAULT_MAX_ERROR, Fp8Config, parse_dtype, parse_size
+from .options import DEFAULT_MAX_ERROR, DEFAULT_TARGET, TARGETS, Fp8Config, parse_dtype, parse_size
 from .plan import make_plan
 from .presets import available_presets
 from .source import MANIFEST_NAME, open_source
@@ -69,6 +69,9 @@ def _plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="'static' needs calibration and is not supported yet."),
         click.option("--dtype", type=click.Choice(list(_DTYPES)), default="keep", show_default=True,
                      help="dtype of the tensors that stay high precision ('keep': as in the source)."),
+        click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+                     help="The engine OUT is for: omni-fp8's folder, a folder vllm-omni loads as written, or one "
+                          ".safetensors file for ComfyUI or stock diffusers."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
     ]
     for option in reversed(options):
@@ -111,26 +114,38 @@ def main(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars: just the final line.")
 @_fail_cleanly
 def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, ...],
-            weight_block_size: str | None, activation_scheme: str, dtype: str, as_json: bool,
+            weight_block_size: str | None, activation_scheme: str, dtype: str, target: str, as_json: bool,
             max_shard_size: str, force: bool, quiet: bool) -> None:
     """Convert the transformer of SRC (pipeline or transformer folder) into OUT.
 
     \b
     omni-convert convert ./Qwen-Image ./Qwen-Image-fp8
     omni-convert convert ./transformer ./transformer-fp8 --ignored-layers img_mlp --weight-block-size 128,128
+    omni-convert convert ./Qwen-Image ./Qwen-Image-fp8-vllm --target vllm-omni
+    omni-convert convert ./Z-Image-Turbo ./zit-fp8.safetensors --target comfyui
     """
+    from .check import check
     from .report import plan_text
 
     config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
     limit = parse_size(max_shard_size)
-    plan = make_plan(open_source(src), config, dtype=_torch_dtype(dtype))
+    plan = make_plan(open_source(src), config, dtype=_torch_dtype(dtype), target=target)
     if not quiet and not as_json:
         click.echo(plan_text(plan, table=False), err=True)
     result = execute(plan, out, max_shard_size=limit, force=force, progress=not quiet)
+    vllm = None
+    if target == DEFAULT_TARGET:  # no folder of ours may be mis-loaded by vllm-omni without a word
+        report = check(result.output, "vllm-omni")
+        vllm = {"loadable": report.ok, "problems": report.problems,
+                "fix": None if report.ok else "--target vllm-omni"}
     if as_json:
-        _emit_json(result.to_dict())
-    else:
-        click.echo(result.summary_line())
+        _emit_json({**result.to_dict(), **({"vllm_omni": vllm} if vllm else {})})
+        return
+    click.echo(result.summary_line())
+    if vllm and not vllm["loadable"]:
+        click.echo(f"note: vllm-omni would not load this folder correctly as written ({len(report.problems)} "
+                   f"problem(s), first: {report.problems[0]}); convert with --target vllm-omni for a folder it "
+                   f"loads (omni-convert check {out} --target vllm-omni lists them).", err=True)
 
 
 @main.command()
@@ -138,7 +153,7 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
 @_plan_options
 @_fail_cleanly
 def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
-            activation_scheme: str, dtype: str, as_json: bool) -> None:
+            activation_scheme: str, dtype: str, target: str, as_json: bool) -> None:
     """Show the plan for a source folder, or summarise a converted one.
 
     For a source: what would be quantized, what kept and why, and the sizes before and after.
@@ -153,7 +168,8 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
         given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
                                           ("--weight-block-size", weight_block_size),
                                           ("--activation-scheme", activation_scheme != "dynamic"),
-                                          ("--dtype", dtype != "keep")) if value]
+                                          ("--dtype", dtype != "keep"),
+                                          ("--target", target != DEFAULT_TARGET)) if value]
         if given:
             raise ConfigError(
                 f"{folder}: is a converted folder, shown as it was made; {', '.join(given)} only shape the plan "
@@ -165,7 +181,7 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
             click.echo(folder_text(folder, manifest))
         return
     config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
-    plan = make_plan(open_source(path), config, dtype=_torch_dtype(dtype))
+    plan = make_plan(open_source(path), config, dtype=_torch_dtype(dtype), target=target)
     if as_json:
         _emit_json(plan_json(plan))
     else:
@@ -198,6 +214,38 @@ def verify_command(path: str, as_json: bool, quiet: bool) -> None:
         if not as_json:
             click.echo(f"error: {path}: {len(report.problems)} file(s) differ from the manifest; "
                        "convert again or restore them.", err=True)
+        sys.exit(1)
+
+
+@main.command(name="check")
+@click.argument("path")
+@click.option("--target", type=click.Choice(list(TARGETS)), required=True,
+              help="The engine to check against (its loader's rules, read from its code).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@_fail_cleanly
+def check_command(path: str, target: str, as_json: bool) -> None:
+    """Would TARGET load PATH (a converted folder or file) as written? One line per problem; exit 1 on any.
+
+    Reports what would fail to load and what would be cast: an FP8 weight taken as plain numbers
+    without its scale, or a high-precision weight forced into FP8.
+    """
+    from .check import check
+
+    report = check(path, target)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        for note in report.notes:
+            click.echo(f"note: {note}", err=True)
+        for problem in report.problems:
+            click.echo(f"problem: {problem}")
+        if report.ok:
+            layers = ", ".join(f"{n} {k}" for k, n in report.layers.items())
+            click.echo(f"OK: {target} loads {path} as written" + (f" ({layers} Linears)" if layers else ""))
+    if not report.ok:
+        if not as_json:
+            click.echo(f"error: {path}: {len(report.problems)} problem(s) for {target}; see above"
+                       + ("; convert with --target vllm-omni" if target == "vllm-omni" else "") + ".", err=True)
         sys.exit(1)
 
 

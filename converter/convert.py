@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -22,13 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import OmniFp8Error, OutputWriteError, SourceReadError
-from .manifest import build_manifest
-from .options import Fp8Config, parse_path, parse_size
+from .manifest import FILE_RECORD_KEY, build_file_record, build_manifest
+from .options import SINGLE_FILE_TARGETS, Fp8Config, parse_path, parse_size
 from .plan import Plan, make_plan
 from .report import size_text
 from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, open_source
-from .output import check_output, publish, staging_folder
-from .writer import FileRecord, carry_over, hash_file, write_index, write_json, write_shards
+from .output import check_output, check_output_file, publish, publish_file, staging_folder
+from .writer import FileRecord, FileTensor, carry_over, hash_file, write_file, write_index, write_json, write_shards
 
 __all__ = ["convert", "execute", "ConversionResult", "DEFAULT_MAX_SHARD_SIZE"]
 
@@ -65,9 +66,10 @@ class ConversionResult:
         totals = self.manifest["totals"]
         return {
             "output": str(self.output),
+            "target": self.manifest["options"].get("target", "omni-fp8"),
             "source": self.manifest["source"],
             "options": self.manifest["options"],
-            "quantization_config": self.manifest["quantization_config"],
+            "quantization_config": self.manifest.get("quantization_config"),
             "source_bytes": self.source_bytes,
             "output_bytes": self.output_bytes,
             "linears": totals["linears"],
@@ -86,8 +88,9 @@ def convert(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     progress: bool = True,
+    target: str | None = None,
 ) -> ConversionResult:
-    """Convert a BF16/FP16/FP32 diffusers checkpoint to FP8 weights in a new folder.
+    """Convert a BF16/FP16/FP32 diffusers checkpoint to FP8 weights in a new folder (or file).
 
     ``src`` is a pipeline folder (its transformer is converted, every other component is
     hard-linked or copied, so ``out`` is a complete pipeline) or a transformer folder. ``src`` is
@@ -101,11 +104,14 @@ def convert(
         max_shard_size: Largest output shard, in bytes or as ``"5GB"``.
         force: Replace ``out`` if it is an earlier omni-fp8 output.
         progress: Show progress bars.
+        target: The engine ``out`` is for: ``"omni-fp8"`` (default, this project's folder),
+            ``"vllm-omni"`` (a folder vllm-omni loads as written), ``"comfyui"`` or
+            ``"diffusers"`` (one ``.safetensors`` file of the transformer, see the README).
     """
     start = time.perf_counter()
     config = Fp8Config.coerce(config)
     limit = parse_size(max_shard_size)
-    plan = make_plan(open_source(src), config, dtype=dtype)
+    plan = make_plan(open_source(src), config, dtype=dtype, target=target)
     return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
 
 
@@ -123,6 +129,8 @@ def execute(
     limit = parse_size(max_shard_size)
     source = plan.source
     out = parse_path(out, what="the output").absolute()
+    if plan.target in SINGLE_FILE_TARGETS:
+        return _execute_file(plan, out, force=force, progress=progress, start=start)
     passthrough = source.passthrough_files()  # walks (and vets) the source before anything is written
     existing = check_output(out, source.root, force=force)
     component = source.subfolder
@@ -137,6 +145,40 @@ def execute(
             raise _os_error(e, staging, out, plan) from e
         publish(staging, out, existing)
     return ConversionResult(output=out, manifest=manifest, seconds=time.perf_counter() - start)
+
+
+def _execute_file(plan: Plan, out: Path, *, force: bool, progress: bool, start: float) -> ConversionResult:
+    """One safetensors file of the transformer in ``plan.target``'s layout, staged and published atomically."""
+    layout = _file_layout(plan)  # before touching the disk: an unsupported model is refused first
+    existing = check_output_file(out, plan.source.root, force=force)
+    with staging_folder(out) as staging:
+        staged = staging / out.name
+        try:
+            record = build_file_record(plan, {t.name: [p.name for p in t.parts] for t in layout},
+                                       seconds=time.perf_counter() - start)
+            metadata = {"format": "pt", FILE_RECORD_KEY: json.dumps(record, sort_keys=True)}
+            with tqdm(total=plan.source_bytes, unit="B", unit_scale=True, desc="Converting",
+                      disable=not progress) as bar:
+                file = write_file(plan, layout, staged, metadata=metadata, on_tensor=bar.update)
+        except OSError as e:
+            if isinstance(e, OmniFp8Error):
+                raise
+            raise _os_error(e, staging, out, plan) from e
+        publish_file(staged, out, existing)
+    seconds = time.perf_counter() - start
+    record["totals"].update(output_bytes=file.size, seconds=round(seconds, 3))
+    record["files"] = {out.name: file.to_dict()}
+    return ConversionResult(output=out, manifest=record, seconds=seconds)
+
+
+def _file_layout(plan: Plan) -> list[FileTensor]:
+    if plan.target == "comfyui":
+        from .export_comfyui import comfyui_layout
+
+        return comfyui_layout(plan)
+    from .export_diffusers import diffusers_layout
+
+    return diffusers_layout(plan)
 
 
 def _write(

@@ -25,6 +25,7 @@ from .writer import FileRecord, hash_file
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "build_manifest", "saved_manifest", "read_manifest", "verify", "VerifyReport",
+    "build_file_record", "read_file_record", "FILE_RECORD_KEY",
 ]
 
 MANIFEST_FORMAT = "omni-fp8-manifest"
@@ -93,8 +94,8 @@ def build_manifest(
         "linears_quantized": sum(d.quantized for d in plan.linears.values()),
         "seconds": round(seconds, 3),
     }
-    origin = {**source.origin, "kind": source.kind, "component": source.subfolder, "class_name": source.class_name}
-    return _assemble(origin, component, plan.options(), plan.quantization_config(), totals, carried, files, tensors)
+    return _assemble(_origin(plan), component, plan.options(), plan.quantization_config(), totals, carried, files,
+                     tensors)
 
 
 def _assemble(
@@ -108,11 +109,7 @@ def _assemble(
     tensors: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "tool": {"name": "omni-fp8", "version": tool_version()},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": dict(source),
+        **_header(source, MANIFEST_FORMAT),
         "component": component,
         "options": dict(options),
         "quantization_config": dict(quantization_config),
@@ -175,6 +172,22 @@ def saved_manifest(
               "linears": linears, "linears_quantized": quantized, "seconds": 0.0}
     origin = {**origin, "kind": "transformer", "component": "", "class_name": class_name}
     return _assemble(origin, "", options, quantization_config, totals, {}, files, tensors)
+
+
+def _header(origin: Mapping[str, Any], format_name: str) -> dict[str, Any]:
+    """What every record omni-fp8 writes starts with: format, tool, time, and the source."""
+    return {
+        "format": format_name,
+        "format_version": MANIFEST_VERSION,
+        "tool": {"name": "omni-fp8", "version": tool_version()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": dict(origin),
+    }
+
+
+def _origin(plan: Plan) -> dict[str, Any]:
+    source = plan.source
+    return {**source.origin, "kind": source.kind, "component": source.subfolder, "class_name": source.class_name}
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -313,3 +326,52 @@ def verify(folder: str | Path, *, on_bytes: Callable[[int], None] | None = None)
 
 def manifest_total_bytes(manifest: Mapping[str, Any]) -> int:
     return sum(f["size"] for f in manifest.get("files", {}).values())
+
+
+# A single-file output carries its record in the safetensors header's ``__metadata__`` under this
+# key: the file cannot list its own hash, but it can say it is ours and what it holds.
+FILE_RECORD_KEY = "omni-fp8"
+FILE_RECORD_FORMAT = "omni-fp8-file"
+
+
+def build_file_record(plan: Plan, tensors: Mapping[str, list[str]], *, seconds: float) -> dict[str, Any]:
+    """What a single-file output embeds: tool, source, options, totals, and each tensor's sources.
+
+    Args:
+        tensors: Output tensor name -> the source tensors it was made from, in order.
+    """
+    return {
+        **_header(_origin(plan), FILE_RECORD_FORMAT),
+        "target": plan.target,
+        "options": plan.options(),
+        "totals": {
+            "source_bytes": plan.source_bytes,
+            "linears": len(plan.linears),
+            "linears_quantized": sum(d.quantized for d in plan.linears.values()),
+            "seconds": round(seconds, 3),
+        },
+        "kept": {t.name: t.reason for t in plan.tensors if t.scheme == KEPT and t.reason != "not-linear"},
+        "tensors": dict(tensors),
+    }
+
+
+def read_file_record(metadata: Mapping[str, str], tensor_names: set[str]) -> dict[str, Any] | None:
+    """The embedded record of a single-file output, or ``None`` if the file is not one of ours.
+
+    Ours means: the record parses, has our format, and lists exactly the tensors the file holds
+    (a file edited or assembled by something else does not qualify).
+    """
+    import json
+
+    raw = metadata.get(FILE_RECORD_KEY)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != FILE_RECORD_FORMAT:
+        return None
+    if record.get("format_version") != MANIFEST_VERSION or not isinstance(record.get("tensors"), dict):
+        return None
+    return record if set(record["tensors"]) == tensor_names else None

@@ -13,7 +13,11 @@ The contract (E4M3FN, largest finite value 448):
   ``W / s``. Every finite input therefore gets a finite, positive scale;
 * per ``(bn, bk)`` block: the same for every block (edge blocks are partial), stored as the
   float32 grid ``weight_scale_inv`` of shape ``[ceil(N / bn), ceil(K / bk)]``;
-* dequantization is ``q * s`` in both cases.
+* dequantization is ``q * s`` in both cases;
+* a fused group (``to_q``/``to_k``/``to_v`` that an engine loads as one ``to_qkv``) shares one
+  per-tensor scale, ``s = max(max_i amax(|W_i|) / 448, 2**-126)``: the scale of the concatenated
+  weight, so each part's ``q`` is exactly the matching rows of the fused tensor's ``q``, and an
+  engine that requantizes the parts to their largest scale changes no bits.
 
 The work goes through a small float32 scratch buffer a chunk at a time: the obvious one-liner
 materialises two full float32 copies of the weight and runs several times slower on a CPU.
@@ -35,6 +39,8 @@ __all__ = [
     "block_scale_shape",
     "quantize_weight",
     "quantize_per_tensor",
+    "weight_amax",
+    "shared_scale",
     "quantize_blockwise",
     "dequantize_weight",
     "quantize_activation",
@@ -65,25 +71,57 @@ def quantize_weight(
     *,
     name: str = "weight",
     out: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a ``[N, K]`` weight: ``(q, weight_scale)`` or ``(q, weight_scale_inv)``.
 
     ``name`` only serves the error message when the weight holds NaN or Inf. ``out``, an FP8
-    tensor of the weight's shape, receives ``q`` instead of a fresh allocation.
+    tensor of the weight's shape, receives ``q`` instead of a fresh allocation. ``scale`` (per
+    tensor only) is a fused group's ``shared_scale``, used instead of the weight's own.
     """
     weight = weight.detach()  # quantization is not differentiable; a LoRA merge may pass a graph
     if block_size is None:
-        return quantize_per_tensor(weight, name=name, out=out)
+        return quantize_per_tensor(weight, name=name, out=out, scale=scale)
+    if scale is not None:
+        raise ValueError(f"{name}: a shared scale is per tensor; block scales are each block's own")
     return quantize_blockwise(weight, block_size, name=name, out=out)
 
 
+def weight_amax(weight: torch.Tensor, *, name: str = "weight") -> torch.Tensor:
+    """``max(|W|)`` as float32 (0-dim), refusing NaN or Inf: one input of ``shared_scale``."""
+    _check_weight(weight, name)
+    return _amax(weight.contiguous(), name)
+
+
+def shared_scale(amaxes: list[torch.Tensor]) -> torch.Tensor:
+    """The one per-tensor scale of a fused group: the scale of the parts concatenated.
+
+    ``max(|cat(W_i)|) == max_i max(|W_i|)`` exactly, so this equals the scale
+    ``quantize_per_tensor`` gives the fused weight, bit for bit.
+    """
+    if not amaxes:
+        raise ValueError("a fused group needs at least one part")
+    return _scale_from_amax(torch.stack([a.to(torch.float32).reshape(()) for a in amaxes]).amax())
+
+
 def quantize_per_tensor(
-    weight: torch.Tensor, *, name: str = "weight", out: torch.Tensor | None = None
+    weight: torch.Tensor,
+    *,
+    name: str = "weight",
+    out: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One float32 scale for the whole tensor; returns ``(q, scale)``, ``scale`` 0-dim float32."""
+    """One float32 scale for the whole tensor; returns ``(q, scale)``, ``scale`` 0-dim float32.
+
+    With ``scale`` given (a fused group's ``shared_scale``, at least this weight's own), ``q`` is
+    ``RNE(clamp(W / scale))`` with that scale.
+    """
     _check_weight(weight, name)
     weight = weight.contiguous()
-    scale = _scale_from_amax(_amax(weight, name))
+    if scale is None:
+        scale = _scale_from_amax(_amax(weight, name))
+    else:
+        scale = scale.to(device=weight.device, dtype=torch.float32).reshape(())
     flat = weight.view(-1)
     q = _output(weight, out).view(-1)
     scratch = torch.empty(min(_CHUNK_ELEMENTS, flat.numel()), dtype=torch.float32, device=weight.device)

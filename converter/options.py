@@ -23,7 +23,8 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = [
-    "Fp8Config", "QuantMethod", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path", "DEFAULT_MAX_ERROR",
+    "Fp8Config", "QuantMethod", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path",
+    "parse_target", "DEFAULT_MAX_ERROR", "TARGETS", "DEFAULT_TARGET", "SINGLE_FILE_TARGETS",
 ]
 
 # ``suggest``'s default bound on the mean relative output error: between the lab DiT's error with
@@ -31,6 +32,19 @@ __all__ = [
 # controls (0.088 for 4-bit weights, 0.096 for E5M2 W8A8), their geometric mean
 # (bench/RESULTS.md, "Quality lab").
 DEFAULT_MAX_ERROR = 0.065
+
+# Which engine a conversion is laid out for. ``omni-fp8`` is this project's own folder (vLLM's fp8
+# convention, read by ``load_transformer``); the others follow what those engines' loaders read.
+TARGETS = ("omni-fp8", "vllm-omni", "comfyui", "diffusers")
+DEFAULT_TARGET = "omni-fp8"
+# Targets whose output is one .safetensors file rather than a folder.
+SINGLE_FILE_TARGETS = ("comfyui", "diffusers")
+_NO_BLOCK_SCALES = {
+    "comfyui": "ComfyUI's FP8 Linears hold one scalar weight_scale per weight (comfy/ops.py, MixedPrecisionOps), "
+               "so a block grid has nowhere to go",
+    "diffusers": "diffusers' fp8r layout holds one scale per output row (quantizers/bfl), which a block grid "
+                 "cannot be expressed in without requantizing",
+}
 
 # The alignment FP8 GEMMs need on both weight dims (and the unit block sizes are counted in).
 ALIGNMENT = 16
@@ -280,3 +294,16 @@ def parse_path(value: Any, *, what: str) -> Path:
     if isinstance(value, (str, os.PathLike)) and str(value) and "\0" not in str(value):
         return Path(value).expanduser()
     raise ConfigError(f"{what} must be a path (a str or os.PathLike), got {type(value).__name__} {value!r}.")
+
+
+def parse_target(value: Any, *, weight_block_size: tuple[int, int] | None = None) -> str:
+    """A target name, checked against the options it must work with (block scales, for two of them)."""
+    if value is None:
+        return DEFAULT_TARGET
+    if not isinstance(value, str) or value not in TARGETS:
+        raise ConfigError(f"unknown target {value!r}; use one of {', '.join(TARGETS)}.")
+    if weight_block_size is not None and value in _NO_BLOCK_SCALES:
+        raise ConfigError(
+            f"--target {value} takes per-tensor scales only: {_NO_BLOCK_SCALES[value]}; drop --weight-block-size."
+        )
+    return value

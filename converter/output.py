@@ -7,6 +7,11 @@ only if it is an earlier output, which means a folder whose ``fp8_manifest.json`
 lists every file in it (an empty folder qualifies too, having nothing to lose). The check runs
 when the conversion starts and again at publish, on the folder actually being replaced, and
 publishing never renames over a path that appeared in between: it refuses instead.
+
+Single-file outputs (``--target comfyui``, ``--target diffusers``) follow the same rules: the file
+is written inside the same hidden staging folder and renamed into place, and ``force`` replaces
+only a file whose safetensors header is valid and embeds an omni-fp8 record listing exactly the
+tensors it holds (``manifest.read_file_record``).
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ import shutil
 import socket
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CorruptCheckpointError, OutputExistsError, SourceNotFoundError
-from .manifest import read_manifest
+from .errors import ConfigError, CorruptCheckpointError, OutputExistsError, SourceNotFoundError
+from .manifest import read_file_record, read_manifest
+from .safetensors_format import read_header
 from .source import MANIFEST_NAME
 
-__all__ = ["Existing", "check_output", "staging_folder", "publish", "unlisted_files"]
+__all__ = [
+    "Existing", "check_output", "staging_folder", "publish", "unlisted_files", "check_output_file", "publish_file",
+]
 
 _STAGING_MARK = ".omni-fp8-partial-"
 _REPLACED_MARK = ".omni-fp8-replaced-"
@@ -106,7 +114,7 @@ def unlisted_files(folder: Path, listed: object) -> list[str]:
 def _not_ours(out: Path, why: str) -> OutputExistsError:
     return OutputExistsError(
         f"{out}: exists and is not an omni-fp8 output ({why}); --force only replaces earlier outputs and "
-        "nothing was deleted. Remove it yourself or choose another folder.",
+        "nothing was deleted. Remove it yourself or choose another path.",
         path=out,
     )
 
@@ -134,13 +142,22 @@ def publish(staging: Path, out: Path, existing: Existing | None) -> None:
     that appeared at ``out`` meanwhile is never replaced (the run fails and leaves it alone).
     """
     (staging / _OWNER_FILE).unlink(missing_ok=True)
+    _swap_in(staging, out, existing, still_ours=lambda aside: _still_replaceable(aside, existing),
+             discard=lambda aside: shutil.rmtree(aside, ignore_errors=True))
+
+
+def _swap_in(
+    new: Path, out: Path, existing: Existing | None, *, still_ours: Callable[[Path], bool],
+    discard: Callable[[Path], None],
+) -> None:
+    """Rename ``new`` to ``out``; what is at ``out`` is moved aside and discarded only if ``still_ours``."""
     if existing is None:
         try:
-            _rename_noreplace(staging, out)
+            _rename_noreplace(new, out)
         except FileExistsError:
             raise OutputExistsError(
                 f"{out}: appeared while converting (another run or program created it); it was left as it is "
-                "and this run's output discarded. Convert again, or choose another folder.",
+                "and this run's output discarded. Convert again, or choose another path.",
                 path=out,
             ) from None
         return
@@ -148,19 +165,19 @@ def publish(staging: Path, out: Path, existing: Existing | None) -> None:
     try:
         _rename_noreplace(out, aside)
     except FileNotFoundError:  # removed meanwhile: nothing to replace
-        return publish(staging, out, None)
-    if not _still_replaceable(aside, existing):
+        return _swap_in(new, out, None, still_ours=still_ours, discard=discard)
+    if not still_ours(aside):
         _put_back(aside, out)
         raise _changed(out)
     try:
-        _rename_noreplace(staging, out)
+        _rename_noreplace(new, out)
     except FileExistsError:
         raise OutputExistsError(
             f"{out}: appeared while publishing; the earlier output is kept at {aside} and this run's output "
             "discarded. Convert again.",
             path=out,
         ) from None
-    shutil.rmtree(aside, ignore_errors=True)
+    discard(aside)
 
 
 def _still_replaceable(folder: Path, existing: Existing) -> bool:
@@ -200,6 +217,53 @@ def _put_back(aside: Path, out: Path) -> None:
             f"{aside}, and this run's output was discarded.",
             path=out,
         ) from e
+
+
+def check_output_file(out: Path, source_root: Path, *, force: bool) -> Existing | None:
+    """``check_output`` for a single-file output: ``None`` if ``out`` is free, else the file ``force`` may replace."""
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: this target writes one .safetensors file; give an output path ending in .safetensors.")
+    out_r, src_r = out.resolve(), source_root.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise OutputExistsError(f"{out}: is inside the source {source_root}; choose a path outside it.", path=out)
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputExistsError(f"{out}: is a symbolic link; give the file it points to, or a new path.", path=out)
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputExistsError(f"{out}: exists and is not a file; this target writes one file. Choose another path.",
+                                path=out)
+    if not force:
+        raise OutputExistsError(f"{out}: already exists; pass --force (force=True) to replace it.", path=out)
+    _check_file_replaceable(out)
+    return Existing(st.st_dev, st.st_ino, empty=False)
+
+
+def _check_file_replaceable(out: Path) -> None:
+    try:
+        header = read_header(out)
+    except CorruptCheckpointError as e:
+        raise _not_ours(out, "it is not a valid safetensors file") from e
+    if read_file_record(header.metadata, set(header.tensors)) is None:
+        raise _not_ours(out, "its header carries no omni-fp8 record listing exactly its tensors")
+
+
+def publish_file(staged: Path, out: Path, existing: Existing | None) -> None:
+    """``publish`` for one file: ``out`` is replaced only if it is still the file checked at start."""
+
+    def still_ours(aside: Path) -> bool:
+        st = os.lstat(aside)
+        if (st.st_dev, st.st_ino) != (existing.device, existing.inode) or not stat.S_ISREG(st.st_mode):
+            return False
+        try:
+            _check_file_replaceable(aside)
+        except OutputExistsError:
+            return False
+        return True
+
+    _swap_in(staged, out, existing, still_ours=still_ours, discard=lambda aside: aside.unlink(missing_ok=True))
 
 
 _RENAME_NOREPLACE = 1

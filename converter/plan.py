@@ -13,6 +13,7 @@ while loading makes exactly the converter's choices.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -28,10 +29,11 @@ from torch import nn
 
 from .errors import ConfigError, ModelMismatchError, PatternMatchError, UnsupportedSourceError
 from .numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, block_scale_shape
-from .options import ALIGNMENT, Fp8Config, parse_dtype
+from .options import ALIGNMENT, DEFAULT_TARGET, Fp8Config, parse_dtype, parse_target
 from .presets import Preset, resolve_preset
 from .safetensors_format import TensorInfo
 from .source import Source, open_source
+from .targets import FUSED_BLOCK_SHAPE, FUSED_GROUP, KEPT_BY_TARGET, TargetRules, fused_groups, rules_for
 
 __all__ = [
     "LayerPattern",
@@ -50,6 +52,8 @@ __all__ = [
     "make_plan",
     "check_tensors_match",
     "checkpoint_quantization_config",
+    "apply_target",
+    "encoder_linears",
 ]
 
 FP8_TENSOR, FP8_BLOCK, KEPT = "fp8_tensor", "fp8_block", "kept"
@@ -326,6 +330,7 @@ class TensorPlan:
     reason: str | None = None
     out_dtype: torch.dtype | None = None  # for kept tensors: the dtype written
     block_size: tuple[int, int] | None = None
+    scale_group: str | None = None  # the engine's fused Linear whose parts share this weight's scale
 
     @property
     def name(self) -> str:
@@ -361,6 +366,18 @@ class Plan:
     linears: Mapping[str, LinearDecision]
     tensors: tuple[TensorPlan, ...]
     dtype: torch.dtype | None = None
+    target: str = DEFAULT_TARGET
+    fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    encoder_ignored: tuple[str, ...] = ()
+
+    @property
+    def scale_groups(self) -> dict[str, tuple[TensorPlan, ...]]:
+        """Fused Linear -> the weights that share its one scale (per-tensor FP8 parts only)."""
+        groups: dict[str, list[TensorPlan]] = {}
+        for t in self.tensors:
+            if t.scale_group is not None:
+                groups.setdefault(t.scale_group, []).append(t)
+        return {name: tuple(parts) for name, parts in groups.items()}
 
     @property
     def pattern_hits(self) -> dict[str, int]:
@@ -385,7 +402,12 @@ class Plan:
 
     def quantization_config(self) -> dict[str, Any]:
         """The ``quantization_config`` block of the output config.json, in vLLM's fp8 convention."""
-        return checkpoint_quantization_config(self.config, self.kept_linears)
+        ignored = self.kept_linears
+        if self.target == "vllm-omni":  # its names too: it matches ignored_layers by exact fused name
+            kept = set(ignored)
+            ignored += [name for name, parts in self.fused.items() if all(p in kept for p in parts)]
+            ignored += list(self.encoder_ignored)
+        return checkpoint_quantization_config(self.config, ignored)
 
     def options(self) -> dict[str, Any]:
         """The options as resolved: the user's, the preset applied, for the manifest."""
@@ -393,6 +415,7 @@ class Plan:
         out["preset"] = self.preset.name if self.preset else "none"
         out["ignored_layers"] = list(self.ignored_layers)
         out["dtype"] = _dtype_label(self.dtype)
+        out["target"] = self.target
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -405,6 +428,7 @@ class Plan:
         quantized = sum(t.source.nbytes for t in self.tensors if t.scheme != KEPT)
         return {
             "class_name": self.source.class_name,
+            "target": self.target,
             "preset": self.preset.name if self.preset else None,
             "ignored_layers": list(self.ignored_layers),
             "pattern_hits": self.pattern_hits,
@@ -446,6 +470,7 @@ def make_plan(
     *,
     dtype: torch.dtype | None = None,
     model: nn.Module | None = None,
+    target: str | None = None,
 ) -> Plan:
     """Decide every tensor of ``source`` under ``config``.
 
@@ -454,14 +479,22 @@ def make_plan(
             ``None`` keeps each tensor's own dtype, byte for byte.
         model: The model already built from ``source.config`` (the loader has one); by default a
             meta-device instance is built for the plan.
+        target: The engine the output is for (``omni-fp8``, the default; ``vllm-omni``,
+            ``comfyui``, ``diffusers``): its rules adjust the decisions (see ``targets.py``).
     """
     if not isinstance(source, Source):
         source = open_source(source)  # a path, for convenience
     config = Fp8Config.coerce(config)
     dtype = parse_dtype(dtype)
+    target = parse_target(target, weight_block_size=config.weight_block_size)
     model = model if model is not None else meta_model(source.class_name, source.config)
     check_tensors_match(source, model)  # first: a wrong config must not surface as a pattern error
     shapes, decisions, preset, ignored = decide_linears(model, config, class_name=source.class_name)
+    rules = rules_for(target, source.class_name)
+    decisions, fused = apply_target(target, rules, shapes, decisions, config.weight_block_size)
+    shared = {part: name for name, parts in fused.items() for part in parts
+              if config.weight_block_size is None and decisions[part].quantized}
+    encoder = _encoder_linears(source, rules, target) if rules.encoder else ()
 
     weight_of = {f"{name}.weight": name for name in shapes}
     plans = []
@@ -476,7 +509,8 @@ def make_plan(
             )
         decision = decisions[module]
         if decision.quantized:
-            plans.append(TensorPlan(info, decision.scheme, block_size=config.weight_block_size))
+            plans.append(TensorPlan(info, decision.scheme, block_size=config.weight_block_size,
+                                    scale_group=shared.get(module)))
         else:
             plans.append(_kept(info, decision.reason, dtype))
     return Plan(
@@ -487,7 +521,83 @@ def make_plan(
         linears=decisions,
         tensors=tuple(plans),
         dtype=dtype,
+        target=target,
+        fused=fused,
+        encoder_ignored=encoder,
     )
+
+
+def apply_target(
+    target: str,
+    rules: TargetRules,
+    shapes: Mapping[str, tuple[int, int]],
+    decisions: Mapping[str, LinearDecision],
+    block_size: tuple[int, int] | None,
+) -> tuple[dict[str, LinearDecision], dict[str, tuple[str, ...]]]:
+    """The decisions adjusted to ``target``'s engine, and its fused Linears (fused name -> parts).
+
+    Layers the engine never quantizes are kept; a fused Linear is all FP8 or all kept (a part
+    kept for any reason keeps its siblings); with block scales, a fused Linear whose parts do
+    not span whole blocks of rows is kept. Reasons already given (a user pattern) stay.
+    """
+    out = dict(decisions)
+    patterns = compile_patterns(rules.keeps)
+    for name, decision in out.items():
+        if decision.quantized and any(p.matches(name) for p in patterns):
+            out[name] = LinearDecision(KEPT, f"{KEPT_BY_TARGET}:{target}")
+    fused = fused_groups(rules, shapes)
+    for parts in fused.values():
+        if all(out[p].quantized for p in parts):
+            if block_size is not None and rules.fused_block_rows and any(
+                shapes[p][0] % block_size[0] for p in parts[:-1]
+            ):
+                for p in parts:
+                    out[p] = LinearDecision(KEPT, FUSED_BLOCK_SHAPE)
+            continue
+        for p in parts:
+            if out[p].quantized:
+                out[p] = LinearDecision(KEPT, FUSED_GROUP)
+    return out, fused
+
+
+def _encoder_linears(source: Source, rules: TargetRules, target: str) -> tuple[str, ...]:
+    """The Linears of the pipeline component the engine applies the checkpoint's FP8 config to.
+
+    vllm-omni builds Z-Image's Qwen3 text encoder with every ``nn.Linear`` replaced by a vLLM
+    Linear under the transformer's quantization config (``create_transformers_model``), named
+    from the encoder's root (``model.layers.0.self_attn.q_proj``, ``lm_head``); listing them in
+    ``ignored_layers`` keeps its BF16 weights BF16.
+    """
+    folder = source.root / rules.encoder if source.kind == "pipeline" else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{source.root}: --target {target} for {source.class_name} must list the pipeline's {rules.encoder} "
+            f"Linears as ignored ({target} applies the transformer's FP8 config to that encoder too), and this "
+            f"source has no {rules.encoder}/config.json; convert the pipeline folder instead of the transformer alone."
+        )
+    return encoder_linears(folder)
+
+
+def encoder_linears(folder: os.PathLike[str] | str) -> tuple[str, ...]:
+    """Every ``nn.Linear`` of the transformers causal LM whose config.json is in ``folder``, built on meta."""
+    folder = os.fspath(folder)
+    try:
+        import transformers
+    except ImportError as e:
+        raise ConfigError(
+            f"{folder}: listing the text encoder's Linears needs transformers to build it; pip install transformers."
+        ) from e
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            encoder = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # a malformed or unknown config surfaces as anything from transformers
+        raise UnsupportedSourceError(
+            f"{folder}/config.json: could not build the text encoder to list its Linears "
+            f"({type(e).__name__}: {e}); check the config or upgrade transformers.",
+            path=folder,
+        ) from e
+    return tuple(name for name, m in encoder.named_modules() if isinstance(m, nn.Linear))
 
 
 def check_tensors_match(source: Source, model: nn.Module) -> None:

@@ -49,6 +49,8 @@ def plan_text(plan: Plan, *, table: bool = True) -> str:
         f"Preset:   {preset.name}: {preset.description}" if preset else "Preset:   none",
         f"Scheme:   {_scheme_words(plan.config.weight_block_size)}, {plan.config.activation_scheme} activations",
     ]
+    if plan.target != "omni-fp8":
+        lines.append(f"Target:   {plan.target}")
     if plan.ignored_layers:
         hits = ", ".join(f"{p} ({n} Linears)" for p, n in plan.pattern_hits.items())
         lines.append(f"Ignored:  {hits}")

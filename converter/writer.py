@@ -30,13 +30,16 @@ from typing import Any
 import torch
 
 from .errors import SourceNotFoundError
-from .numerics import FP8_DTYPE, cast_checked, quantize_weight
+from .numerics import FP8_DTYPE, cast_checked, quantize_weight, shared_scale, weight_amax
 from .plan import KEPT, Plan, TensorPlan
 from .safetensors_format import ShardWriter
 from .source import INDEX_NAME
 
 __all__ = [
     "FileRecord",
+    "FileTensor",
+    "write_file",
+    "SharedScales",
     "assign_shards",
     "shard_filename",
     "write_shards",
@@ -130,12 +133,13 @@ def write_shards(
     torch.set_num_threads(max(1, min(torch_threads, (os.cpu_count() or 2) - 1)))
     try:
         with plan.source.open_reader() as reader:
+            scales = SharedScales(plan, reader)
             for i, group in enumerate(groups, 1):
                 filename = shard_filename(i, len(groups))
                 writer = ShardWriter(folder / filename, [(o.name, o.dtype, o.shape) for t in group for o in t.outputs])
                 writers.append(writer)
                 for t in group:
-                    for name, tensor, on_done in _convert_tensor(t, reader.read(t.source), pool):
+                    for name, tensor, on_done in _convert_tensor(t, reader.read(t.source), pool, scales):
                         if failure:
                             raise failure[0]
                         work.put((writer, name, tensor, on_done))
@@ -177,8 +181,109 @@ class _BufferPool:
         return buf[: math.prod(shape)].view(shape), functools.partial(self._free.put, buf)
 
 
+class SharedScales:
+    """The one scale of each fused group, computed when its first part is written.
+
+    Every part's ``max(|W|)`` is read first (the parts sit next to each other in a checkpoint, so
+    the second read comes from the page cache), then ``shared_scale`` combines them; each part is
+    then quantized with it. Costs one extra pass over the fused weights, no extra memory.
+    """
+
+    def __init__(self, plan: Plan, reader: Any) -> None:
+        self._groups = plan.scale_groups
+        self._reader = reader
+        self._scales: dict[str, torch.Tensor] = {}
+
+    def scale_of(self, t: TensorPlan) -> torch.Tensor:
+        """A per-tensor FP8 weight's scale: its group's, else its own (the same formula, one part)."""
+        scale = self.for_tensor(t)
+        if scale is None:
+            scale = self._scales.get(t.name)
+        if scale is None:
+            scale = shared_scale([weight_amax(self._reader.read(t.source), name=t.name)])
+            self._scales[t.name] = scale
+        return scale
+
+    def for_tensor(self, t: TensorPlan) -> torch.Tensor | None:
+        if t.scale_group is None:
+            return None
+        scale = self._scales.get(t.scale_group)
+        if scale is None:
+            parts = self._groups[t.scale_group]
+            scale = shared_scale([weight_amax(self._reader.read(p.source), name=p.name) for p in parts])
+            self._scales[t.scale_group] = scale
+        return scale
+
+
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor of a single-file export, made from plan tensors (an engine's layout, ``export_*.py``).
+
+    ``role`` says what of ``parts`` it holds, concatenated along dim 0 in order: ``data`` (the FP8
+    codes of quantized parts, the tensors of kept ones), ``scale`` (the parts' one per-tensor
+    scale, 0-dim), ``row_scale`` (that scale repeated for every output row) or ``constant``.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    parts: tuple[TensorPlan, ...] = ()
+    role: str = "data"
+    constant: torch.Tensor | None = None
+
+
+def write_file(
+    plan: Plan,
+    tensors: Sequence[FileTensor],
+    path: Path,
+    *,
+    metadata: dict[str, str],
+    on_tensor: Callable[[int], None] | None = None,
+) -> FileRecord:
+    """Write one safetensors file laid out as ``tensors`` (renamed, fused, re-laid-out plan tensors).
+
+    Quantization goes through the same numerics as a folder; a fused tensor is its parts'
+    codes, each quantized with the group's shared scale, so it equals quantizing the fused
+    weight. ``on_tensor`` gets the source bytes of each finished data tensor (progress bars).
+    """
+    writer = ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], metadata)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(torch_threads, (os.cpu_count() or 2) - 1)))
+    try:
+        with plan.source.open_reader() as reader:
+            scales = SharedScales(plan, reader)
+            for t in tensors:
+                writer.write(t.name, _file_tensor(t, reader, scales))
+                if on_tensor is not None and t.role == "data":
+                    on_tensor(sum(p.source.nbytes for p in t.parts))
+        return FileRecord(writer.size, writer.close())
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _file_tensor(t: FileTensor, reader: Any, scales: SharedScales) -> torch.Tensor:
+    if t.role == "constant":
+        assert t.constant is not None
+        return t.constant
+    if t.role in ("scale", "row_scale"):
+        scale = scales.scale_of(t.parts[0])
+        return scale if t.role == "scale" else scale.expand(t.shape).contiguous()
+    pieces = []
+    for part in t.parts:
+        tensor = reader.read(part.source)
+        if part.scheme == KEPT:
+            out_dtype = part.outputs[0].dtype
+            pieces.append(tensor if tensor.dtype == out_dtype else cast_checked(tensor, out_dtype, name=part.name))
+        else:
+            pieces.append(quantize_weight(tensor, part.block_size, name=part.name, scale=scales.scale_of(part))[0])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def _convert_tensor(
-    t: TensorPlan, tensor: torch.Tensor, pool: _BufferPool
+    t: TensorPlan, tensor: torch.Tensor, pool: _BufferPool, scales: SharedScales
 ) -> Iterator[tuple[str, torch.Tensor, Callable[[], None] | None]]:
     if t.scheme == KEPT:
         out_dtype = t.outputs[0].dtype
@@ -186,7 +291,7 @@ def _convert_tensor(
         return
     out, give_back = pool.take(t.source.shape)
     try:
-        q, scale = quantize_weight(tensor, t.block_size, name=t.name, out=out)
+        q, scale = quantize_weight(tensor, t.block_size, name=t.name, out=out, scale=scales.for_tensor(t))
     except BaseException:
         give_back()
         raise

@@ -168,3 +168,32 @@ def hf_cache_copy(folder: Path, cache: Path, repo_id: str, commit: str = "0" * 3
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return repo, snapshot
+
+
+def tiny_qwen3_encoder():
+    """A tiny Qwen3 causal LM, the kind of text encoder Z-Image pipelines carry."""
+    import transformers
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(4)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    config = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, vocab_size=64, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(config).eval()
+    transformers.logging.set_verbosity(verbosity)
+    return model
+
+
+@pytest.fixture(scope="session")
+def zimage_pipeline(tmp_path_factory) -> Path:
+    """A Z-Image pipeline folder: model_index.json, the tiny transformer and a tiny Qwen3 text encoder."""
+    import json
+
+    root = tmp_path_factory.mktemp("zpipeline") / "Z-Image"
+    save_checkpoint(tiny_z_image(seed=2), root / "transformer", dtype=torch.bfloat16)
+    tiny_qwen3_encoder().to(torch.bfloat16).save_pretrained(root / "text_encoder")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "ZImagePipeline", "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "text_encoder": ["transformers", "Qwen3ForCausalLM"]}))
+    return root
