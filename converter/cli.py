@@ -7,66 +7,29 @@ single JSON document for scripts.
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from .cli_common import emit_json as _emit_json
+from .cli_common import fail_cleanly as _fail_cleanly
+from .cli_common import fp8_config as _config
+from .cli_common import fp8_options
 from .convert import DEFAULT_MAX_SHARD_SIZE, execute
-from .errors import ConfigError, OmniFp8Error
+from .errors import ConfigError
 from .manifest import read_manifest, verify
 from .options import DEFAULT_MAX_ERROR, DEFAULT_TARGET, TARGETS, Fp8Config, parse_dtype, parse_size
 from .plan import make_plan
-from .presets import available_presets
 from .source import MANIFEST_NAME, open_source
 
 _DTYPES = ("keep", "bf16", "fp16", "fp32")
 
 
-def _fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn known errors into one line on stderr and exit status 1 (``--debug`` re-raises)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = click.get_current_context().find_root().params.get("debug", False)
-        try:
-            return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was published", err=True)
-            sys.exit(130)
-        except Exception as e:
-            if debug or isinstance(e, click.exceptions.ClickException):
-                raise
-            if isinstance(e, OmniFp8Error):
-                message = str(e)
-            elif isinstance(e, OSError):
-                message = f"{type(e).__name__}: {e}"
-            else:  # never a traceback by default, but say plainly that this one is ours to fix
-                message = (f"unexpected {type(e).__name__}: {e} (a bug in omni-fp8: please report it with the "
-                           "output of --debug)")
-            click.echo(f"error: {' '.join(message.split())}", err=True)
-            sys.exit(1)
-
-    return wrapper
-
-
 def _plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options that shape a plan, shared by ``convert`` and ``inspect``."""
     options = [
-        click.option("--preset", metavar="NAME",
-                     help=f"Recipe from manifests/ ({', '.join(available_presets())}); 'none' for no "
-                          "preset. Default: the one registered for the model's class."),
-        click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
-                     help="Layers kept in high precision; repeatable or comma-separated. Whole name "
-                          "components (img_mlp, attn.to_q), 're:' for a regex, fused names "
-                          "(to_qkv, add_kv_proj, w13) expand. Extends the preset."),
-        click.option("--weight-block-size", metavar="BN,BK",
-                     help="Block-wise weight scales, e.g. 128,128 (default: one scale per tensor)."),
-        click.option("--activation-scheme", type=click.Choice(["dynamic", "static"]), default="dynamic",
-                     show_default=True, help="'static' needs calibration and is not supported yet."),
         click.option("--dtype", type=click.Choice(list(_DTYPES)), default="keep", show_default=True,
                      help="dtype of the tensors that stay high precision ('keep': as in the source)."),
         click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
@@ -76,25 +39,11 @@ def _plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         command = option(command)
-    return command
-
-
-def _config(preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
-            activation_scheme: str) -> Fp8Config:
-    return Fp8Config(
-        ignored_layers=ignored_layers,
-        activation_scheme=activation_scheme,
-        weight_block_size=weight_block_size,
-        preset=preset,
-    )
+    return fp8_options(command)
 
 
 def _torch_dtype(name: str) -> Any:
     return parse_dtype(name)
-
-
-def _emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

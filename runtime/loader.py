@@ -372,6 +372,19 @@ def _check_agrees(
         )
 
 
+def check_converted_config(source: Source, explicit: Fp8Config) -> None:
+    """Refuse ``explicit`` unless it describes how the converted folder ``source`` was made.
+
+    For loaders that hand the folder to diffusers (which would silently keep the folder's own
+    config): the same check ``load_transformer`` makes, from the headers alone.
+    """
+    folder_config = source.config["quantization_config"]
+    block = checkpoint_block_size(folder_config, source.model_dir / "config.json")
+    model = empty_model(source.class_name, source.config)
+    schemes = checkpoint_schemes(linear_shapes(model), {t.name: t for t in source.tensors}, block, source.model_dir)
+    _check_agrees(explicit, schemes, block, model, source)
+
+
 def _load_plain(
     model: nn.Module, source: Source, device: torch.device, dtype: torch.dtype | None, progress: bool
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from omni_fp8.converter.demo import save_checkpoint, tiny_qwen_image, tiny_z_image
+from omni_fp8.converter.demo import save_checkpoint, save_tiny_pipeline, tiny_qwen_image, tiny_z_image
 
 FP8 = torch.float8_e4m3fn
 
@@ -85,51 +85,11 @@ def zimage_src(tmp_path_factory) -> Path:
     return folder
 
 
-def tiny_qwen_tokenizer():
-    """A byte-level Qwen2 tokenizer built in memory: one token per byte plus Qwen's chat markers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
-    return Qwen2TokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
-
-
-def tiny_qwen_pipeline(transformer, dtype=torch.bfloat16):
-    """A real QwenImagePipeline: tiny Qwen2.5-VL text encoder (width 32 = the transformer's
-    joint_attention_dim), tiny VAE with 4 latent channels, the given transformer."""
-    import transformers
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    tokenizer = tiny_qwen_tokenizer()
-    n = len(tokenizer)
-    torch.manual_seed(3)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the default bos/eos ids lie outside this vocab
-    config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 2, "rope_theta": 1e6, "vocab_size": n,
-                     "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default", "type": "default"}},
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32},
-        hidden_size=32, vocab_size=n, vision_start_token_id=n + 1, vision_end_token_id=n + 2, vision_token_id=n + 3,
-    )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    transformers.logging.set_verbosity(verbosity)
-    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
-                             tokenizer=tokenizer, transformer=transformer).to(dtype=dtype)
-
-
 @pytest.fixture(scope="session")
 def qwen_pipeline(tmp_path_factory) -> Path:
     """A saved QwenImagePipeline folder (BF16), exactly as save_pretrained lays it out, plus a README."""
     root = tmp_path_factory.mktemp("pipeline") / "Qwen-Image"
-    tiny_qwen_pipeline(tiny_qwen_image(seed=1)).save_pretrained(root, max_shard_size="200KB")
+    save_tiny_pipeline(root, arch="qwen-image", seed=1)
     (root / "README.md").write_text("# tiny pipeline\n")
     return root
 
@@ -170,30 +130,7 @@ def hf_cache_copy(folder: Path, cache: Path, repo_id: str, commit: str = "0" * 3
     return repo, snapshot
 
 
-def tiny_qwen3_encoder():
-    """A tiny Qwen3 causal LM, the kind of text encoder Z-Image pipelines carry."""
-    import transformers
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(4)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    config = Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, vocab_size=64, tie_word_embeddings=True)
-    model = Qwen3ForCausalLM(config).eval()
-    transformers.logging.set_verbosity(verbosity)
-    return model
-
-
 @pytest.fixture(scope="session")
 def zimage_pipeline(tmp_path_factory) -> Path:
-    """A Z-Image pipeline folder: model_index.json, the tiny transformer and a tiny Qwen3 text encoder."""
-    import json
-
-    root = tmp_path_factory.mktemp("zpipeline") / "Z-Image"
-    save_checkpoint(tiny_z_image(seed=2), root / "transformer", dtype=torch.bfloat16)
-    tiny_qwen3_encoder().to(torch.bfloat16).save_pretrained(root / "text_encoder")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "ZImagePipeline", "transformer": ["diffusers", "ZImageTransformer2DModel"],
-        "text_encoder": ["transformers", "Qwen3ForCausalLM"]}))
-    return root
+    """A complete Z-Image pipeline folder (BF16): tiny Qwen3 text encoder, tokenizer, VAE, scheduler."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("zpipeline") / "Z-Image", arch="z-image", seed=2)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import same_bits, tiny_qwen_pipeline
+from conftest import same_bits
 from test_runtime import rel_l2, run_qwen, run_zimage
 
 from omni_fp8 import Fp8Linear, load_transformer, quantize_
+from omni_fp8.converter.demo import tiny_pipeline
 from omni_fp8.converter.errors import ConfigError
 
 peft = pytest.importorskip("peft")
@@ -125,7 +126,8 @@ def test_pipeline_lora_api_with_an_fp8_transformer(qwen_src, tmp_path):
     transformer = load_transformer(qwen_src, quantization="fp8", dtype=torch.bfloat16, progress=False)
     state = lora_state_dict(transformer, TARGETS["qwen"], seed=4)
     QwenImagePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=state)
-    pipe = tiny_qwen_pipeline(load_transformer(qwen_src, dtype=torch.bfloat16, progress=False))
+    pipe = tiny_pipeline("qwen-image", transformer=load_transformer(qwen_src, dtype=torch.bfloat16,
+                                                                       progress=False))
     pipe.transformer = transformer
 
     def generate():

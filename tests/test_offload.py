@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_qwen_pipeline
 from test_runtime import run_qwen, run_zimage
 
 from omni_fp8 import Fp8Linear, load_transformer
+from omni_fp8.converter.demo import tiny_pipeline
 
 pytest.importorskip("accelerate")
 
@@ -52,7 +52,8 @@ def test_offloaded_fp8_transformer_equals_the_plain_one(family, mode, request):
 
 def test_pipeline_model_cpu_offload_with_an_fp8_transformer(qwen_src):
     def pipeline():
-        pipe = tiny_qwen_pipeline(load_transformer(qwen_src, dtype=torch.bfloat16, progress=False))
+        pipe = tiny_pipeline("qwen-image", transformer=load_transformer(qwen_src, dtype=torch.bfloat16,
+                                                                       progress=False))
         pipe.transformer = load_transformer(qwen_src, quantization="fp8", dtype=torch.bfloat16, progress=False)
         return pipe
 
