@@ -77,22 +77,23 @@ def build(name: str, blocks: int | None, seed: int = 0) -> nn.Module:
     return model.to("cuda").eval()
 
 
-def inputs(name: str, model: nn.Module, height: int, width: int, txt: int) -> tuple[tuple, dict]:
-    gen = torch.Generator(device="cuda").manual_seed(1)
+def inputs(name: str, model: nn.Module, height: int, width: int, txt: int,
+           device: str = "cuda") -> tuple[tuple, dict]:
+    gen = torch.Generator(device=device).manual_seed(1)
     cfg = model.config
     if name == "qwen-image":
         h, w = height // 16, width // 16
         return (), {
-            "hidden_states": torch.randn(1, h * w, cfg.in_channels, device="cuda", generator=gen).bfloat16(),
-            "encoder_hidden_states": torch.randn(1, txt, cfg.joint_attention_dim, device="cuda", generator=gen).bfloat16(),
-            "encoder_hidden_states_mask": torch.ones(1, txt, dtype=torch.bool, device="cuda"),
-            "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
+            "hidden_states": torch.randn(1, h * w, cfg.in_channels, device=device, generator=gen).bfloat16(),
+            "encoder_hidden_states": torch.randn(1, txt, cfg.joint_attention_dim, device=device, generator=gen).bfloat16(),
+            "encoder_hidden_states_mask": torch.ones(1, txt, dtype=torch.bool, device=device),
+            "timestep": torch.full((1,), 0.5, device=device).bfloat16(),
             "img_shapes": [[(1, h, w)]],
             "return_dict": False,
         }
-    latents = [torch.randn(cfg.in_channels, 1, height // 8, width // 8, device="cuda", generator=gen).bfloat16()]
-    caps = [torch.randn(txt, cfg.cap_feat_dim, device="cuda", generator=gen).bfloat16()]
-    return (latents, torch.full((1,), 0.5, device="cuda").bfloat16(), caps), {"return_dict": False}
+    latents = [torch.randn(cfg.in_channels, 1, height // 8, width // 8, device=device, generator=gen).bfloat16()]
+    caps = [torch.randn(txt, cfg.cap_feat_dim, device=device, generator=gen).bfloat16()]
+    return (latents, torch.full((1,), 0.5, device=device).bfloat16(), caps), {"return_dict": False}
 
 
 def output(result) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 __all__ = [
     "Fp8Config", "QuantMethod", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path",
-    "parse_target", "DEFAULT_MAX_ERROR", "TARGETS", "DEFAULT_TARGET", "SINGLE_FILE_TARGETS",
+    "parse_target", "refuse_unknown_keys", "DEFAULT_MAX_ERROR", "TARGETS", "DEFAULT_TARGET", "SINGLE_FILE_TARGETS",
 ]
 
 # ``suggest``'s default bound on the mean relative output error: between the lab DiT's error with
@@ -294,6 +294,14 @@ def parse_path(value: Any, *, what: str) -> Path:
     if isinstance(value, (str, os.PathLike)) and str(value) and "\0" not in str(value):
         return Path(value).expanduser()
     raise ConfigError(f"{what} must be a path (a str or os.PathLike), got {type(value).__name__} {value!r}.")
+
+
+def refuse_unknown_keys(values: Mapping[str, Any], known: Iterable[str], *, what: str) -> None:
+    """One line naming every key of ``values`` not in ``known``, and what is accepted instead."""
+    known = sorted(known)
+    unknown = sorted(repr(k) for k in values if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown {what} option(s) {', '.join(unknown)}; use {', '.join(known)}.")
 
 
 def parse_target(value: Any, *, weight_block_size: tuple[int, int] | None = None) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from omni_fp8.converter.errors import ConfigError
+from omni_fp8.converter.options import refuse_unknown_keys
 from torch import nn
 
 __all__ = ["CACHE_BACKENDS", "UNSUPPORTED", "CacheHandle", "apply_cache", "check_cache_backend"]
@@ -148,10 +149,7 @@ def _build_config(backend: str, cache_config: Mapping[str, Any] | None, class_na
     cls = getattr(diffusers.hooks, _DIFFUSERS_CONFIGS[backend])
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values = dict(cache_config or {})
-    unknown = sorted(k for k in values if k not in fields or k == "current_timestep_callback")
-    if unknown:
-        raise ConfigError(f"unknown {backend} option(s) {', '.join(map(repr, unknown))}; it takes "
-                          f"{', '.join(n for n in sorted(fields) if n != 'current_timestep_callback')}.")
+    refuse_unknown_keys(values, (n for n in fields if n != "current_timestep_callback"), what=backend)
     values = {**_DEFAULTS.get((backend, class_name), {}), **values}
     for name, value in values.items():
         default = fields[name].default

@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 from omni_fp8.converter.errors import ConfigError
+from omni_fp8.converter.options import refuse_unknown_keys
 from torch import nn
 
 __all__ = ["parse_parallel", "init_distributed", "context_parallel_config", "cp_plan", "z_image_cp_plan",
-           "attention_backend"]
+           "attention_backend", "guard_ring_masks"]
 
 _FIELDS = ("ulysses_degree", "ring_degree", "ulysses_anything", "ring_anything", "convert_to_fp32")
 
@@ -38,9 +39,7 @@ def parse_parallel(value: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(value, Mapping):
         raise ConfigError(f"parallel must be a dict such as {{'ulysses_degree': 2}}, got {type(value).__name__}.")
-    unknown = sorted(str(k) for k in value if k not in _FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown parallel option(s) {', '.join(map(repr, unknown))}; use {', '.join(_FIELDS)}.")
+    refuse_unknown_keys(value, _FIELDS, what="parallel")
     out = dict(value)
     for key in ("ulysses_degree", "ring_degree"):
         degree = out.get(key, 1)
@@ -112,6 +111,30 @@ def attention_backend(parallel: Mapping[str, Any] | None, device: torch.device) 
         raise ConfigError("ring attention needs an attention backend that returns log-sum-exp (cuDNN or flash "
                           "attention, on CUDA); diffusers' native one does not. Use ulysses_degree here.")
     return "_native_cudnn"
+
+
+def guard_ring_masks(transformer: nn.Module) -> None:
+    """Refuse masked attention under ring attention, which diffusers 0.42.1 would get wrong silently.
+
+    Its ring loop (``TemplatedRingAttention``) applies the rank's own slice of the attention mask
+    to every other rank's keys as well. A batch without padding has no mask (one prompt, or
+    Qwen-Image's separate CFG calls); prompts of different lengths batched together, or
+    Z-Image's CFG batch, have one: those need Ulysses.
+    """
+    import inspect
+
+    blocks = next(getattr(transformer, n) for n in ("transformer_blocks", "layers") if hasattr(transformer, n))
+    signature = inspect.signature(type(blocks[0]).forward)
+    names = ("encoder_hidden_states_mask", "attn_mask")
+
+    def check(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = signature.bind_partial(module, *args, **kwargs).arguments
+        if any(bound.get(n) is not None for n in names):
+            raise ConfigError("ring attention cannot run this batch: it needs an attention mask (prompts of different "
+                              "lengths in one batch, or Z-Image's CFG batch), which diffusers 0.42.1's ring attention "
+                              "applies wrongly; use ulysses_degree, or one prompt without CFG batching.")
+
+    blocks[0].register_forward_pre_hook(check, with_kwargs=True)
 
 
 def cp_plan(transformer: nn.Module) -> dict[str, Any] | None:

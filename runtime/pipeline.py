@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from omni_fp8.converter.errors import ConfigError, SourceNotFoundError, UnsupportedSourceError
-from omni_fp8.converter.options import Fp8Config, parse_dtype
+from omni_fp8.converter.options import Fp8Config, parse_dtype, refuse_unknown_keys
 
 from . import caches
 from . import parallel as parallel_mod
@@ -265,6 +265,8 @@ class Omni:
         if self._parallel:
             transformer.enable_parallelism(config=parallel_mod.context_parallel_config(self._parallel),
                                            cp_plan=parallel_mod.cp_plan(transformer))
+            if self._parallel["ring_degree"] > 1:
+                parallel_mod.guard_ring_masks(transformer)
         if compile and cache_backend is None:
             transformer.compile_repeated_blocks(fullgraph=True)
         self._compile = compile
@@ -513,10 +515,7 @@ def _group_offload(value: Any) -> dict[str, Any] | None:
         return options
     if not isinstance(value, Mapping):
         raise ConfigError(f"group_offload must be True or a dict of enable_group_offload options, got {value!r}.")
-    unknown = sorted(str(k) for k in value if k not in _GROUP_OFFLOAD_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown group_offload option(s) {', '.join(map(repr, unknown))}; use "
-                          f"{', '.join(_GROUP_OFFLOAD_KEYS)}.")
+    refuse_unknown_keys(value, _GROUP_OFFLOAD_KEYS, what="group_offload")
     options.update(value)
     if options["offload_type"] not in ("block_level", "leaf_level"):
         raise ConfigError(f"group_offload offload_type must be 'block_level' or 'leaf_level', got "

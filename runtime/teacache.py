@@ -34,6 +34,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 from omni_fp8.converter.errors import ConfigError
+from omni_fp8.converter.options import refuse_unknown_keys
 from torch import nn
 
 __all__ = ["TeaCacheConfig", "apply_teacache", "remove_teacache", "teacache_counts", "COEFFICIENTS",
@@ -90,11 +91,7 @@ class TeaCacheConfig:
     def from_dict(cls, values: Mapping[str, Any] | None) -> TeaCacheConfig:
         """``cache_config`` as ``Omni`` and the CLI take it, unknown keys refused by name."""
         values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values if k not in known)
-        if unknown:
-            raise ConfigError(f"unknown tea_cache option(s) {', '.join(map(repr, unknown))}; it takes "
-                              f"{', '.join(sorted(known))}.")
+        refuse_unknown_keys(values, (f.name for f in dataclasses.fields(cls)), what="tea_cache")
         return cls(**values)
 
 

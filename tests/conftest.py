@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from omni_fp8.converter.demo import save_checkpoint, save_tiny_pipeline, tiny_qwen_image, tiny_z_image
+from safetensors import safe_open
 
 FP8 = torch.float8_e4m3fn
 
@@ -134,3 +133,10 @@ def hf_cache_copy(folder: Path, cache: Path, repo_id: str, commit: str = "0" * 3
 def zimage_pipeline(tmp_path_factory) -> Path:
     """A complete Z-Image pipeline folder (BF16): tiny Qwen3 text encoder, tokenizer, VAE, scheduler."""
     return save_tiny_pipeline(tmp_path_factory.mktemp("zpipeline") / "Z-Image", arch="z-image", seed=2)
+
+
+@pytest.fixture
+def pipeline_folder(request):
+    """The saved tiny pipeline of a family: ``pipeline_folder("qwen-image")`` or ``("z-image")``."""
+    names = {"qwen-image": "qwen_pipeline", "z-image": "zimage_pipeline"}
+    return lambda arch: request.getfixturevalue(names[arch])

@@ -13,6 +13,7 @@ parallel code path without GPUs.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -27,7 +28,7 @@ def main() -> None:
         torch.accelerator.device_count = lambda: 1
         dist.init_process_group("gloo")
     else:
-        torch.cuda.set_device(int(__import__("os").environ["LOCAL_RANK"]))
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("cpu:gloo,cuda:nccl")
     from omni_fp8 import Omni, OmniDiffusionSamplingParams
 

@@ -24,7 +24,6 @@ from omni_fp8.runtime.cli import main
 pytest.importorskip("accelerate")
 
 PROMPT = "A cat sitting on a windowsill"
-FOLDERS = {"qwen-image": "qwen_pipeline", "z-image": "zimage_pipeline"}
 
 
 def params(arch: str, **overrides) -> OmniDiffusionSamplingParams:
@@ -41,11 +40,6 @@ def pixels(output) -> np.ndarray:
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-@pytest.fixture
-def folder(request):
-    return lambda arch: request.getfixturevalue(FOLDERS[arch])
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,9 +63,9 @@ def one_thread():
     # so this bounds the code path, not the quality of real models. Bounds leave ~35% headroom.
     ("qwen-image", 0.006), ("z-image", 0.015),
 ])
-def test_bf16_and_fp8_on_the_same_seed(arch, bound, folder):
-    bf16 = Omni(folder(arch), progress=False)
-    fp8 = Omni(folder(arch), quantization="fp8", progress=False)
+def test_bf16_and_fp8_on_the_same_seed(arch, bound, pipeline_folder):
+    bf16 = Omni(pipeline_folder(arch), progress=False)
+    fp8 = Omni(pipeline_folder(arch), quantization="fp8", progress=False)
     a, b = pixels(fp8.generate(PROMPT, params(arch))[0]), pixels(bf16.generate(PROMPT, params(arch))[0])
     assert 0 < rel_l2(a, b) < bound
     assert bf16.info()["quantization"] is None
@@ -81,11 +75,11 @@ def test_bf16_and_fp8_on_the_same_seed(arch, bound, folder):
 
 
 @pytest.mark.parametrize("arch", ["qwen-image", "z-image"])
-def test_a_converted_folder_gives_the_images_of_load_time_quantization(arch, folder, tmp_path):
+def test_a_converted_folder_gives_the_images_of_load_time_quantization(arch, pipeline_folder, tmp_path):
     options = {"method": "fp8", "ignored_layers": ["to_out"]}  # a spec-style dict, beyond the preset
-    convert(folder(arch), tmp_path / "fp8", config=options, progress=False)
+    convert(pipeline_folder(arch), tmp_path / "fp8", config=options, progress=False)
     converted = Omni(tmp_path / "fp8", dtype="fp32", progress=False)
-    at_load = Omni(folder(arch), quantization_config=options, dtype="fp32", progress=False)
+    at_load = Omni(pipeline_folder(arch), quantization_config=options, dtype="fp32", progress=False)
     assert converted.info()["quantization"]["mode"] == "fp8-converted"
     assert at_load.info()["quantization"]["mode"] == "fp8"
     assert np.array_equal(pixels(converted.generate(PROMPT, params(arch))[0]),
@@ -111,14 +105,15 @@ def test_prompt_lists_and_several_images_per_prompt(zimage_pipeline):
 # --- caches -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["qwen-image", "z-image"])
-def test_tea_cache_skips_with_a_high_threshold_and_never_at_zero(arch, folder):
-    reference = Omni(folder(arch), quantization="fp8", dtype="fp32", progress=False).generate(PROMPT, params(arch))[0]
+def test_tea_cache_skips_with_a_high_threshold_and_never_at_zero(arch, pipeline_folder):
+    plain = Omni(pipeline_folder(arch), quantization="fp8", dtype="fp32", progress=False)
+    reference = plain.generate(PROMPT, params(arch))[0]
     calls = 2 if arch == "qwen-image" else 1  # Qwen-Image runs the negative prompt as a second call
-    never = Omni(folder(arch), quantization="fp8", dtype="fp32", cache_backend="tea_cache",
+    never = Omni(pipeline_folder(arch), quantization="fp8", dtype="fp32", cache_backend="tea_cache",
                  cache_config={"rel_l1_thresh": 0}, progress=False).generate(PROMPT, params(arch))[0]
     assert never.timings.steps_skipped == 0 and never.timings.transformer_calls_skipped == 0
     assert np.array_equal(pixels(never), pixels(reference))
-    eager = Omni(folder(arch), quantization="fp8", dtype="fp32", cache_backend="tea_cache",
+    eager = Omni(pipeline_folder(arch), quantization="fp8", dtype="fp32", cache_backend="tea_cache",
                  cache_config={"rel_l1_thresh": 10.0}, progress=False)
     for _ in range(2):  # the second generation starts from a reset state
         out = eager.generate(PROMPT, params(arch))[0]
@@ -160,7 +155,7 @@ def test_mag_cache_defaults_are_qwen_images_calibrated_ratios(qwen_pipeline):
     ({"cache_backend": "faster_cache"}, ConfigError, "positive and negative prompts in one batch"),
     ({"cache_backend": "sea_cache"}, ConfigError, "never skips"),
     ({"cache_backend": "tea_cache", "cache_config": {"threshold": 0.2}}, ConfigError,
-     "unknown tea_cache option(s) 'threshold'; it takes coefficients, num_inference_steps, rel_l1_thresh"),
+     "unknown tea_cache option(s) 'threshold'; use coefficients, num_inference_steps, rel_l1_thresh"),
     ({"cache_backend": "tea_cache", "cache_config": {"rel_l1_thresh": -1}}, ConfigError, "finite number >= 0"),
     ({"cache_backend": "first_block_cache", "cache_config": {"threshold": "high"}}, ConfigError, "must be a number"),
     ({"cache_backend": "mag_cache", "cache_config": {"mag_ratios": None}}, ConfigError, "mag_ratios"),
@@ -229,8 +224,8 @@ def test_tea_cache_hooks_come_off_cleanly(qwen_pipeline):
     ("z-image", {"guidance_scale": 0.0, "negative_prompt": "blurry"}, "no effect with guidance_scale 0"),
     ("z-image", {"negative_prompt": ["a", "b"]}, "2 entries for 1 prompt(s)"),
 ])
-def test_sampling_params_the_pipeline_would_ignore_are_refused(arch, overrides, fragment, folder):
-    omni = Omni(folder(arch), dtype="fp32", progress=False)
+def test_sampling_params_the_pipeline_would_ignore_are_refused(arch, overrides, fragment, pipeline_folder):
+    omni = Omni(pipeline_folder(arch), dtype="fp32", progress=False)
     with pytest.raises(ConfigError) as info:
         omni.generate(PROMPT, params(arch, **overrides))
     assert fragment in str(info.value)
@@ -336,11 +331,11 @@ def test_context_parallel_on_two_cpu_processes_matches_one(qwen_pipeline, zimage
     at most, 0.5-0.7/255 on average (unquantized, it is identical: FP8 rounding turns the last-bit
     differences of matrix products over half the rows into visible ones)."""
     cases = []
-    for arch, folder in (("qwen-image", qwen_pipeline), ("z-image", zimage_pipeline)):
+    for arch, path in (("qwen-image", qwen_pipeline), ("z-image", zimage_pipeline)):
         omni = {"quantization": "fp8", "dtype": "fp32", "cache_backend": "tea_cache",
                 "cache_config": {"rel_l1_thresh": 0.5}}
         sample = {k: v for k, v in vars(params(arch)).items() if v is not None}
-        cases.append({"folder": str(folder), "omni": {**omni, "parallel": {"ulysses_degree": 2}}, "params": sample,
+        cases.append({"folder": str(path), "omni": {**omni, "parallel": {"ulysses_degree": 2}}, "params": sample,
                       "prompt": PROMPT, "single": omni})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     worker = Path(__file__).with_name("parallel_worker.py")
@@ -367,6 +362,22 @@ def test_ring_attention_needs_a_backend_with_log_sum_exp():
     assert attention_backend(parse_parallel({"ulysses_degree": 2}), torch.device("cuda")) is None
     with pytest.raises(ConfigError, match="ring attention needs an attention backend that returns log-sum-exp"):
         attention_backend(parallel, torch.device("cpu"))
+
+
+def test_ring_attention_refuses_batches_with_an_attention_mask(qwen_pipeline, zimage_pipeline):
+    # diffusers' ring loop would apply each rank's mask slice to every rank's keys: refused, not wrong.
+    from omni_fp8.runtime.parallel import guard_ring_masks
+
+    qwen = Omni(qwen_pipeline, dtype="fp32", progress=False)
+    guard_ring_masks(qwen.pipeline.transformer)
+    qwen.generate(PROMPT, params("qwen-image"))  # one prompt, CFG as a second call: no mask
+    with pytest.raises(ConfigError, match="ring attention cannot run this batch"):
+        qwen.generate(["a cat", "a cat on a red windowsill at dawn"], params("qwen-image"))
+    z_image = Omni(zimage_pipeline, dtype="fp32", progress=False)
+    guard_ring_masks(z_image.pipeline.transformer)
+    z_image.generate(PROMPT, params("z-image", guidance_scale=0.0))
+    with pytest.raises(ConfigError, match="use ulysses_degree"):
+        z_image.generate(PROMPT, params("z-image"))  # the CFG batch pads the shorter caption
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -455,3 +466,34 @@ def test_import_omni_fp8_stays_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
+
+
+# --- the GPU benchmarks, smoke-run on the CPU with the tiny pipelines -----------------------------
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def test_pipeline_speed_bench_runs(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["pipeline_speed.py", "--tiny", "--device", "cpu", "--model", "qwen-image",
+                                      "--size", "32", "--steps", "3", "--repeat", "1", "--folder",
+                                      str(tmp_path / "p"), "--out", str(tmp_path / "r.json")])
+    monkeypatch.syspath_prepend(str(BENCH))
+    runpy.run_path(str(BENCH / "pipeline_speed.py"), run_name="__main__")
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["variant"] for r in rows] == ["bf16", "fp8", "fp8+tea_cache"]
+    assert rows[2]["steps_skipped"] is not None and "| fp8+tea_cache |" in capsys.readouterr().out
+
+
+def test_context_parallel_bench_runs(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           str(BENCH / "context_parallel.py"), "--tiny", "--device", "cpu", "--model", "z-image",
+                           "--image-size", "32", "--image-steps", "3", "--size", "32", "--warmup", "1", "--repeat",
+                           "1", "--folder", str(tmp_path / "z"), "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert [r["variant"] for r in result["images"]] == ["bf16", "fp8", "fp8+tea_cache"]
+    assert all(r["ok"] for r in result["images"] + result["steps"]) and len(result["steps"]) == 2
