@@ -151,37 +151,58 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
 @main.command()
 @click.argument("path")
 @_plan_options
+@click.option("--config", "model_config", metavar="PATH",
+              help="For a single .safetensors file: the model's config.json or its folder.")
 @_fail_cleanly
 def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
-            activation_scheme: str, dtype: str, target: str, as_json: bool) -> None:
-    """Show the plan for a source folder, or summarise a converted one.
+            activation_scheme: str, dtype: str, target: str, as_json: bool, model_config: str | None) -> None:
+    """Show the plan for a source folder, or summarise a converted one or another tool's FP8 checkpoint.
 
     For a source: what would be quantized, what kept and why, and the sizes before and after.
     For a converted folder (it has fp8_manifest.json): what it holds and how it was made.
+    For another tool's FP8 checkpoint (vLLM fp8, compressed-tensors, ModelOpt; ComfyUI or BFL fp8r
+    single files with --config): its layout, as load_transformer reads it.
     """
     from pathlib import Path
 
-    from .report import folder_json, folder_text, plan_json, plan_text
+    from .layouts import read_layout
+    from .plan import linear_shapes, meta_model
+    from .report import folder_json, folder_text, layout_json, layout_text, plan_json, plan_text
 
     folder = Path(path)
-    if (folder / MANIFEST_NAME).is_file():
-        given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
-                                          ("--weight-block-size", weight_block_size),
-                                          ("--activation-scheme", activation_scheme != "dynamic"),
-                                          ("--dtype", dtype != "keep"),
-                                          ("--target", target != DEFAULT_TARGET)) if value]
+    given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
+                                      ("--weight-block-size", weight_block_size),
+                                      ("--activation-scheme", activation_scheme != "dynamic"),
+                                      ("--dtype", dtype != "keep"),
+                                      ("--target", target != DEFAULT_TARGET)) if value]
+
+    def refuse_plan_options(what: str) -> None:
         if given:
             raise ConfigError(
-                f"{folder}: is a converted folder, shown as it was made; {', '.join(given)} only shape the plan "
+                f"{folder}: is {what}, shown as it was made; {', '.join(given)} only shape the plan "
                 "for a high-precision source. Drop them, or inspect the source instead.")
+
+    if (folder / MANIFEST_NAME).is_file():
+        refuse_plan_options("a converted folder")
         manifest = read_manifest(folder)
         if as_json:
             _emit_json(folder_json(folder, manifest))
         else:
             click.echo(folder_text(folder, manifest))
         return
+    source = open_source(path, allow_quantized=True, config=model_config)
+    layout = read_layout(source, linear_shapes(meta_model(source.class_name, source.config)))
+    if layout is not None:
+        refuse_plan_options("an FP8 checkpoint")
+        if as_json:
+            _emit_json(layout_json(source, layout))
+        else:
+            click.echo(layout_text(source, layout))
+        return
+    if source.config.get("quantization_config") is not None or any(t.dtype.startswith("F8_") for t in source.tensors):
+        open_source(path)  # the converter's own refusal of an already-quantized source, in its words
     config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
-    plan = make_plan(open_source(path), config, dtype=_torch_dtype(dtype), target=target)
+    plan = make_plan(source, config, dtype=_torch_dtype(dtype), target=target)
     if as_json:
         _emit_json(plan_json(plan))
     else:

@@ -85,7 +85,6 @@ def build_manifest(
                     "scale_of": t.name,
                 }
             )
-    source = plan.source
     totals = {
         "source_bytes": plan.source_bytes,
         "output_bytes": plan.output_bytes,
@@ -153,8 +152,9 @@ def saved_manifest(
             entry.update(source_dtype=None, scheme="scale", scale_of=f"{base}.weight")
         elif info.dtype == "F8_E4M3" and info.name.endswith(".weight") and scale is not None:
             known = source_dtypes.get(info.name)
-            entry.update(source_dtype=known, scale=scale,
-                         scheme="fp8_tensor" if scale.endswith("weight_scale") else "fp8_block")
+            per_row = scale.endswith("weight_scale") and infos[scale].shape[:1] == info.shape[:1] and info.shape[0] > 1
+            scheme = "fp8_block" if scale.endswith("_inv") else "fp8_channel" if per_row else "fp8_tensor"
+            entry.update(source_dtype=known, scale=scale, scheme=scheme)
             source_bytes += info.nbytes * (DTYPES[known].itemsize if known else 1)
             linears += 1
             quantized += 1
@@ -220,7 +220,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-_SCHEMES = {"fp8_tensor", "fp8_block", "kept", "scale"}
+_SCHEMES = {"fp8_tensor", "fp8_channel", "fp8_block", "kept", "scale"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

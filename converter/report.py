@@ -16,7 +16,7 @@ from .manifest import manifest_total_bytes
 from .plan import KEPT, Plan
 from .safetensors_format import DTYPES
 
-__all__ = ["plan_text", "plan_json", "folder_text", "folder_json", "size_text"]
+__all__ = ["plan_text", "plan_json", "folder_text", "folder_json", "layout_text", "layout_json", "size_text"]
 
 _BLOCK_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")  # the first one is the block number
 
@@ -143,3 +143,37 @@ def size_text(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def layout_json(source: Any, layout: Any) -> dict[str, Any]:
+    """Another tool's (or a manifest-less) FP8 checkpoint, as ``load_transformer`` reads it."""
+    schemes: dict[str, int] = {}
+    for scheme in layout.schemes.values():
+        schemes[scheme] = schemes.get(scheme, 0) + 1
+    by_dtype: dict[str, int] = {}
+    for t in source.tensors:
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    return {
+        "path": str(source.shards[0].path if source.kind == "file" else source.model_dir),
+        "class_name": source.class_name,
+        "layout": layout.name,
+        "weight_block_size": list(layout.block_size) if layout.block_size else None,
+        "schemes": schemes,
+        "kept_linears": [n for n, s in layout.schemes.items() if s == KEPT],
+        "bytes_by_dtype": by_dtype,
+        "notes": list(layout.notes),
+    }
+
+
+def layout_text(source: Any, layout: Any) -> str:
+    data = layout_json(source, layout)
+    fp8 = sum(n for s, n in data["schemes"].items() if s != KEPT)
+    lines = [
+        f"Path:     {data['path']} ({data['class_name']})",
+        f"Layout:   {layout.name}" + (f", blocks {data['weight_block_size']}" if data["weight_block_size"] else ""),
+        f"Linears:  {fp8} of {len(layout.schemes)} in FP8 ("
+        + ", ".join(f"{s} {n}" for s, n in sorted(data["schemes"].items())) + ")",
+        "Bytes:    " + ", ".join(f"{d} {size_text(n)}" for d, n in sorted(data["bytes_by_dtype"].items())),
+        *[f"Note:     {note}" for note in data["notes"]],
+    ]
+    return "\n".join(lines)

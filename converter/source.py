@@ -192,7 +192,11 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def open_source(
-    src: str | os.PathLike[str], *, subfolder: str | None = None, allow_quantized: bool = False
+    src: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    allow_quantized: bool = False,
+    config: str | os.PathLike[str] | dict[str, Any] | None = None,
 ) -> Source:
     """Resolve and validate a checkpoint folder.
 
@@ -203,6 +207,8 @@ def open_source(
         subfolder: Convert this folder of ``src`` instead of looking for ``transformer/``.
         allow_quantized: Accept an FP8 checkpoint (the loader reads them; the converter refuses
             to quantize twice).
+        config: For a single ``.safetensors`` file (ComfyUI's and BFL's form), which carries no
+            config: the model's ``config.json``, its folder, or the dict.
 
     Example:
         >>> source = open_source("./Qwen-Image")  # doctest: +SKIP
@@ -220,6 +226,8 @@ def open_source(
                 "and pass DIR."
             )
         raise SourceNotFoundError(f"{root}: no such folder; {_LAYOUT_HINT}.{hint}", path=root)
+    if root.is_file() and root.suffix == ".safetensors":
+        return _single_file(root.resolve(), config, allow_quantized)
     if not root.is_dir():
         if root.suffix in PICKLE_SUFFIXES:
             raise _pickle_error(root)
@@ -245,6 +253,35 @@ def open_source(
     if not allow_quantized:
         _check_not_quantized(model_dir, config, shards)
     return Source(root=root, kind=kind, model_dir=model_dir, config=config, shards=shards, origin=origin)
+
+
+def _single_file(path: Path, config: Any, allow_quantized: bool) -> Source:
+    """One ``.safetensors`` file, its model config given separately (it carries none)."""
+    if config is None:
+        raise SourceNotFoundError(
+            f"{path}: a single safetensors file carries no model config; pass config= (the model's config.json, "
+            "its folder, or a dict), e.g. the transformer folder of the BF16 release.",
+            path=path,
+        )
+    if isinstance(config, dict):
+        model_config = dict(config)
+        if not isinstance(model_config.get("_class_name"), str):
+            raise ConfigError("config= must name the model class in '_class_name', as a diffusers config.json does.")
+    else:
+        where = parse_path(config, what="config")
+        if where.is_dir():
+            model_config = _read_config(where)
+        else:
+            model_config = read_json(where, "config")
+            if not isinstance(model_config.get("_class_name"), str):
+                raise CorruptCheckpointError(f"{where}: has no '_class_name'; give a diffusers model config.json.",
+                                             path=where)
+    model_config.pop("quantization_config", None)  # the file's layout says how it is quantized
+    header = read_header(path)
+    if not allow_quantized:
+        _check_not_quantized(path, model_config, (header,))
+    return Source(root=path.parent, kind="file", model_dir=path.parent, config=model_config, shards=(header,),
+                  origin={"type": "file", "path": str(path)})
 
 
 def _plain_subfolder(subfolder: str, root: Path) -> str:
