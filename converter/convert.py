@@ -83,6 +83,9 @@ def convert(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     config: Fp8Config | Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -93,10 +96,15 @@ def convert(
     """Convert a BF16/FP16/FP32 diffusers checkpoint to FP8 weights in a new folder (or file).
 
     ``src`` is a pipeline folder (its transformer is converted, every other component is
-    hard-linked or copied, so ``out`` is a complete pipeline) or a transformer folder. ``src`` is
-    never modified; ``out`` appears only once complete.
+    hard-linked or copied, so ``out`` is a complete pipeline), a transformer folder, or a Hugging
+    Face Hub repo id of either (downloaded into the Hub cache, shards converted as they arrive).
+    ``src`` is never modified; ``out`` appears only once complete.
 
     Args:
+        subfolder: Convert only this folder of ``src`` (``"transformer"``): ``out`` is then a
+            transformer folder, and nothing else of a pipeline is carried over or downloaded.
+        revision: For a repo id: the branch, tag or commit (default ``main``).
+        token: For a repo id: a Hub token (default: ``HF_TOKEN`` or the saved login).
         config: An ``Fp8Config`` or the equivalent dict; ``None`` means defaults plus the preset
             registered for the model's class.
         dtype: Cast the tensors that stay high precision (e.g. ``torch.bfloat16``); ``None``
@@ -111,7 +119,8 @@ def convert(
     start = time.perf_counter()
     config = Fp8Config.coerce(config)
     limit = parse_size(max_shard_size)
-    plan = make_plan(open_source(src), config, dtype=dtype, target=target)
+    source = open_source(src, subfolder=subfolder, revision=revision, token=token)
+    plan = make_plan(source.component_only() if subfolder else source, config, dtype=dtype, target=target)
     return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
 
 
@@ -136,7 +145,8 @@ def execute(
     component = source.subfolder
     prefix = f"{component}/" if component else ""
 
-    with staging_folder(out) as staging:
+    # A Hub source downloads in the background what is read next: the shards, then the rest.
+    with staging_folder(out) as staging, source.downloading(passthrough, progress=progress):
         try:
             manifest = _write(plan, staging, passthrough, component, prefix, limit, progress, start)
         except OSError as e:
@@ -185,9 +195,11 @@ def _write(
     plan: Plan, staging: Path, passthrough: list[str], component: str, prefix: str, limit: int, progress: bool,
     start: float,
 ) -> dict[str, Any]:
-    """Everything a converted folder holds, written into ``staging``, manifest last."""
+    """Everything a converted folder holds, written into ``staging``, manifest last.
+
+    Shards come first: a Hub source downloads them first, and the other components meanwhile.
+    """
     source = plan.source
-    carried = {rel: carry_over(source.root / rel, staging / rel) for rel in passthrough}
     model_out = staging / component
     model_out.mkdir(parents=True, exist_ok=True)
 
@@ -201,6 +213,7 @@ def _write(
     config["quantization_config"] = plan.quantization_config()
     files[prefix + CONFIG_NAME] = write_json(model_out / CONFIG_NAME, config)
 
+    carried = {rel: carry_over(source.local_file(rel), staging / rel) for rel in passthrough}
     carried_bytes = sum((staging / rel).stat().st_size for rel in carried)
     with tqdm(total=carried_bytes, unit="B", unit_scale=True, desc="Hashing carried-over files",
               disable=not progress or carried_bytes < (256 << 20)) as bar:
