@@ -113,8 +113,10 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         f.seek(0, 2)
         size = f.tell()
         f.seek(0)
-        prefix = f.read(8)
-        if prefix.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+        prefix = head[:8]
+        # A header length can begin with a pickle's magic bytes too (640 is 80 02 00 ...); its JSON cannot.
+        if prefix.startswith(_PICKLE_MAGIC) and head[8:9] != b"{":
             raise PickleCheckpointError(
                 f"{path}: this is a pickle (torch.save) checkpoint named .safetensors; omni-fp8 never "
                 "unpickles. Re-save it with safetensors on a machine you trust.",
@@ -127,6 +129,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raise _corrupt(path, f"its header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
         if 8 + header_len > size:
             raise _corrupt(path, f"the header needs {8 + header_len} bytes but the file has {size}")
+        f.seek(8)
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
