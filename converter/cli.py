@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .convert import DEFAULT_MAX_SHARD_SIZE, execute
+from .convert import DEFAULT_MAX_SHARD_SIZE, execute, fetching
 from .errors import ConfigError, OmniFp8Error
 from .manifest import read_manifest, verify
 from .options import DEFAULT_MAX_ERROR, DEFAULT_TARGET, TARGETS, Fp8Config, parse_dtype, parse_size
@@ -151,11 +151,12 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
     config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
     limit = parse_size(max_shard_size)
     source = open_source(src, subfolder=subfolder, revision=revision, token=token)
-    plan = make_plan(source.component_only() if subfolder else source, config, dtype=_torch_dtype(dtype),
-                     target=target)
-    if not quiet and not as_json:
-        click.echo(plan_text(plan, table=False), err=True)
-    result = execute(plan, out, max_shard_size=limit, force=force, progress=not quiet)
+    source = source.component_only() if subfolder else source
+    with fetching(source, progress=not quiet):
+        plan = make_plan(source, config, dtype=_torch_dtype(dtype), target=target)
+        if not quiet and not as_json:
+            click.echo(plan_text(plan, table=False), err=True)
+        result = execute(plan, out, max_shard_size=limit, force=force, progress=not quiet)
     vllm = None
     if target == DEFAULT_TARGET:  # no folder of ours may be mis-loaded by vllm-omni without a word
         report = check(result.output, "vllm-omni")

@@ -14,7 +14,8 @@ import errno
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,11 @@ from .manifest import FILE_RECORD_KEY, build_file_record, build_manifest
 from .options import SINGLE_FILE_TARGETS, Fp8Config, parse_path, parse_size
 from .plan import Plan, make_plan
 from .report import size_text
-from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, open_source
+from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Source, open_source
 from .output import check_output, check_output_file, publish, publish_file, staging_folder
 from .writer import FileRecord, FileTensor, carry_over, hash_file, write_file, write_index, write_json, write_shards
 
-__all__ = ["convert", "execute", "ConversionResult", "DEFAULT_MAX_SHARD_SIZE"]
+__all__ = ["convert", "execute", "fetching", "ConversionResult", "DEFAULT_MAX_SHARD_SIZE"]
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -120,8 +121,24 @@ def convert(
     config = Fp8Config.coerce(config)
     limit = parse_size(max_shard_size)
     source = open_source(src, subfolder=subfolder, revision=revision, token=token)
-    plan = make_plan(source.component_only() if subfolder else source, config, dtype=dtype, target=target)
-    return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
+    source = source.component_only() if subfolder else source
+    with fetching(source, progress=progress):
+        plan = make_plan(source, config, dtype=dtype, target=target)
+        return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
+
+
+@contextmanager
+def fetching(source: Source, *, progress: bool) -> Iterator[None]:
+    """Start a Hub source's downloads (shards, then the files carried over) before planning.
+
+    Building the model for the plan takes seconds (importing diffusers, mostly); the first shard
+    downloads meanwhile. A local source has nothing to download and goes straight on.
+    """
+    if source.origin.get("type") != "hub":
+        yield
+        return
+    with source.downloading(source.passthrough_files(), progress=progress):
+        yield
 
 
 def execute(

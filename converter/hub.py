@@ -129,8 +129,7 @@ class RepoFiles:
         self._planned: dict[str, SafetensorsHeader] = {}  # headers read remotely, checked after download
         self._checked: set[str] = set()
         self._lock = threading.Lock()
-        self._queued: dict[str, threading.Event] = {}
-        self._failed: dict[str, OmniFp8Error] = {}
+        self._queued: dict[str, _Pending] = {}
 
     @property
     def label(self) -> str:
@@ -201,11 +200,11 @@ class RepoFiles:
         """The file at ``path``, in the cache: waited for if it is being downloaded, else downloaded now."""
         rel = self.rel(path)
         with self._lock:
-            event = self._queued.get(rel)
-        if event is not None:
-            event.wait()
-            if rel in self._failed:
-                raise self._failed[rel]
+            pending = self._queued.get(rel)
+        if pending is not None:
+            pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
         elif not path.is_file():
             if offline():
                 raise self._not_cached(rel)
@@ -228,9 +227,9 @@ class RepoFiles:
         if not missing:
             yield
             return
-        events = {rel: threading.Event() for rel in missing}
+        pending = {rel: _Pending() for rel in missing}
         with self._lock:
-            self._queued.update(events)
+            self._queued.update(pending)
         stop = threading.Event()
         bar = tqdm(total=sum(self.listing.get(rel, 0) for rel in missing), unit="B", unit_scale=True,
                    desc=f"Downloading {self.repo_id}", disable=not progress)
@@ -245,12 +244,11 @@ class RepoFiles:
                     except OmniFp8Error as e:
                         failure = e
                     except Exception as e:  # noqa: BLE001 - handed to the waiting thread, which reports it
-                        failure = hub_error(e, repo=self.repo_id, revision=self.revision, token=self._token,
-                                            file=rel) or HubConnectionError(f"{self.label}: downloading {rel} "
-                                                                            f"failed ({type(e).__name__}: {e}).")
+                        failure = HubConnectionError(f"{self.label}: downloading {rel} failed ({type(e).__name__}: "
+                                                     f"{_first_line(e)}); run the same command again.")
                 if failure is not None or stop.is_set():
-                    self._failed[rel] = failure or HubConnectionError(f"{self.label}: {rel} was not downloaded.")
-                events[rel].set()
+                    pending[rel].error = failure or HubConnectionError(f"{self.label}: {rel} was not downloaded.")
+                pending[rel].done.set()
             bar.close()
 
         thread = threading.Thread(target=run, name="omni-fp8-download", daemon=True)
@@ -260,8 +258,8 @@ class RepoFiles:
         finally:
             stop.set()
             with self._lock:
-                for rel in missing:
-                    if self._queued.get(rel) is events[rel] and not events[rel].is_set():
+                for rel, item in pending.items():
+                    if self._queued.get(rel) is item and not item.done.is_set():
                         del self._queued[rel]  # a later fetch downloads it in the foreground
 
     # --- internals ---------------------------------------------------------------------------------
@@ -286,6 +284,14 @@ class RepoFiles:
 
     def _not_cached(self, rel: str) -> HubConnectionError:
         return _offline_error(self.repo_id, f"{rel} (commit {self.commit[:12]})")
+
+
+class _Pending:
+    """A file queued for the background download: set ``done`` once it is there, or ``error``."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: OmniFp8Error | None = None
 
 
 def _layout(header: SafetensorsHeader) -> dict[str, tuple[str, tuple[int, ...], int, int]]:

@@ -37,6 +37,7 @@ from .writer import hash_file
 
 __all__ = [
     "Existing", "check_output", "staging_folder", "publish", "unlisted_files", "check_output_file", "publish_file",
+    "is_unfinished",
 ]
 
 _STAGING_MARK = ".omni-fp8-partial-"
@@ -135,6 +136,12 @@ def _not_ours(out: Path, why: str) -> OutputExistsError:
         "nothing was deleted. Remove it yourself or choose another path.",
         path=out,
     )
+
+
+def is_unfinished(folder: Path) -> bool:
+    """A staging folder (a run in progress or killed) or an output set aside while publishing: it
+    may hold a manifest, but it is not an output to publish anywhere."""
+    return _STAGING_MARK in folder.name or _REPLACED_MARK in folder.name or (folder / _OWNER_FILE).exists()
 
 
 @contextmanager

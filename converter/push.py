@@ -29,12 +29,10 @@ from .layout import CARD_NAME, MANIFEST_NAME
 from .manifest import manifest_total_bytes, read_manifest, verify
 from .model_card import settle_card
 from .options import parse_path
+from .output import is_unfinished
 from .report import size_text
 
 __all__ = ["push", "PushResult"]
-
-_PARTIAL_MARKS = (".omni-fp8-partial-", ".omni-fp8-replaced-")  # output.py's staging and set-aside folders
-
 
 @dataclass(frozen=True)
 class PushResult:
@@ -113,7 +111,7 @@ def push(
 
 def _refuse_partial(folder: Path) -> None:
     """A staging folder of a run in progress (or killed) may hold a manifest but is not an output."""
-    if any(mark in folder.name for mark in _PARTIAL_MARKS) or (folder / ".omni-fp8-owner.json").exists():
+    if is_unfinished(folder):
         raise UnsupportedSourceError(
             f"{folder}: an unfinished omni-fp8 output (a staging folder); push the finished output folder instead.",
             path=folder)

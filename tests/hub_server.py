@@ -87,7 +87,8 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[tuple[str, str], Blob] = {}  # uploaded LFS objects by (repo, sha256), committed or not
         self.log: list[Logged] = []
-        self.rate: float | None = None  # bytes per second for file bodies, None for as fast as possible
+        self.rate: float | None = None  # bytes per second of file bodies, all requests together; None: no limit
+        self._link_free = 0.0
         self.broken: dict[str, int] = {}  # path suffix -> bytes sent before the connection drops
         self.failing_commits = 0
         self._lock = threading.Lock()
@@ -352,7 +353,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _stream(self, f, count: int, drop_after: int | None, name: str) -> None:
         hub = self.server_hub
-        started = time.perf_counter()
         while count > 0:
             chunk = f.read(min(count, 256 << 10))
             if drop_after is not None and self._sent + len(chunk) > drop_after:
@@ -363,13 +363,15 @@ class _Handler(BaseHTTPRequestHandler):
                 for suffix in [s for s in hub.broken if name.endswith(s)]:
                     hub.broken[suffix] = -1  # from now on the file is unavailable: the network stays down
                 raise ConnectionError("fault injected")
+            if hub.rate:  # one shared link: parallel downloads split it, as on a real connection
+                with hub._lock:
+                    hub._link_free = max(hub._link_free, time.perf_counter()) + len(chunk) / hub.rate
+                    wait = hub._link_free - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
             self.wfile.write(chunk)
             self._sent += len(chunk)
             count -= len(chunk)
-            if hub.rate:
-                ahead = self._sent / hub.rate - (time.perf_counter() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
 
     # --- writing ---------------------------------------------------------------------------------
 
