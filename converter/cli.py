@@ -188,7 +188,7 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
     """
     from pathlib import Path
 
-    from .report import folder_json, folder_text, plan_json, plan_text, source_label
+    from .report import plan_json, plan_text, source_label
 
     folder = Path(path)
     if (folder / MANIFEST_NAME).is_file() and subfolder is None:
@@ -338,9 +338,9 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
             "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
     config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size)
     calls = load_inputs(path)  # before the model: a bad inputs file should not cost a load
-    # The same commit as the source just opened, even if the branch moves meanwhile.
-    model = load_transformer(src, subfolder=subfolder, revision=source.origin.get("commit") if revision is None
-                             and source.origin.get("type") == "hub" else revision, token=token, progress=not quiet)
+    # A Hub source at the commit just opened, even if its branch moves meanwhile.
+    pinned = source.origin["commit"] if source.origin.get("type") == "hub" else revision
+    model = load_transformer(src, subfolder=subfolder, revision=pinned, token=token, progress=not quiet)
     report = suggest(model, calls, config, max_error=max_error, progress=not quiet)
     patterns = [*config.ignored_layers, *report.ignored_layers]
     if as_json:
