@@ -152,7 +152,7 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
     limit = parse_size(max_shard_size)
     source = open_source(src, subfolder=subfolder, revision=revision, token=token)
     source = source.component_only() if subfolder else source
-    with fetching(source, progress=not quiet):
+    with fetching(source, target=target, progress=not quiet):
         plan = make_plan(source, config, dtype=_torch_dtype(dtype), target=target)
         if not quiet and not as_json:
             click.echo(plan_text(plan, table=False), err=True)

@@ -122,22 +122,24 @@ def convert(
     limit = parse_size(max_shard_size)
     source = open_source(src, subfolder=subfolder, revision=revision, token=token)
     source = source.component_only() if subfolder else source
-    with fetching(source, progress=progress):
+    with fetching(source, target=target, progress=progress):
         plan = make_plan(source, config, dtype=dtype, target=target)
         return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
 
 
 @contextmanager
-def fetching(source: Source, *, progress: bool) -> Iterator[None]:
-    """Start a Hub source's downloads (shards, then the files carried over) before planning.
+def fetching(source: Source, *, target: str | None = None, progress: bool) -> Iterator[None]:
+    """Start a Hub source's downloads (shards, then the files a folder output carries over) before planning.
 
     Building the model for the plan takes seconds (importing diffusers, mostly); the first shard
-    downloads meanwhile. A local source has nothing to download and goes straight on.
+    downloads meanwhile. A single-file ``target`` carries nothing over, so nothing else is fetched.
+    A local source has nothing to download and goes straight on.
     """
     if source.origin.get("type") != "hub":
         yield
         return
-    with source.downloading(source.passthrough_files(), progress=progress):
+    carried = () if target in SINGLE_FILE_TARGETS else source.passthrough_files()
+    with source.downloading(carried, progress=progress):
         yield
 
 

@@ -164,6 +164,13 @@ def test_subfolder_converts_and_downloads_only_that_folder(hub_env, qwen_src, tm
     assert file_hashes(out) == local
 
 
+def test_a_single_file_target_downloads_only_the_transformer(hub_env, tmp_path):
+    result = convert("org/qwen-image", tmp_path / "qwen.safetensors", target="comfyui", progress=False)
+    assert result.output.is_file()
+    weights = {f for f in cached_files(hub_env.cache, "org/qwen-image") if f.endswith(".safetensors")}
+    assert weights and all(f.startswith("transformer/") for f in weights)
+
+
 def test_revision_pins_a_commit_or_branch(hub_env, qwen_src, tmp_path):
     convert(qwen_src, tmp_path / "local", progress=False)
     pinned = hub_env.hub.first_commit
