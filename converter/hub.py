@@ -35,7 +35,7 @@ from .errors import (
     OmniFp8Error,
     SourceNotFoundError,
 )
-from .layout import CONFIG_NAME, MANIFEST_NAME, MODEL_INDEX_NAME, PICKLE_SUFFIXES
+from .filenames import CONFIG_NAME, MANIFEST_NAME, MODEL_INDEX_NAME, PICKLE_SUFFIXES
 from .safetensors_format import SafetensorsHeader, parse_header, read_header
 
 __all__ = ["is_repo_id", "open_repo", "RepoFiles", "hub_error", "hub_errors", "offline"]

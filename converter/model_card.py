@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UnsupportedSourceError
-from .layout import CARD_NAME, MANIFEST_NAME
+from .filenames import CARD_NAME, MANIFEST_NAME
 from .report import size_text
 from .writer import FileRecord, hash_file, write_json
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, CorruptCheckpointError, OutputExistsError, SourceNotFoundError
-from .layout import MANIFEST_NAME
+from .filenames import MANIFEST_NAME
 from .manifest import read_file_record, read_manifest
 from .safetensors_format import read_header
 from .writer import hash_file

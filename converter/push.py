@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import hub
 from .errors import ConfigError, UnsupportedSourceError, VerificationError
-from .layout import CARD_NAME, MANIFEST_NAME
+from .filenames import CARD_NAME, MANIFEST_NAME
 from .manifest import manifest_total_bytes, read_manifest, verify
 from .model_card import settle_card
 from .options import parse_path

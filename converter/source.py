@@ -34,7 +34,7 @@ from .errors import (
     SourceNotFoundError,
     UnsupportedSourceError,
 )
-from .layout import (
+from .filenames import (
     CONFIG_NAME,
     INDEX_NAME,
     MANIFEST_NAME,
