@@ -59,6 +59,8 @@ def load_transformer(
     pretrained: str | os.PathLike[str],
     *,
     subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     quantization: str | None = None,
     quantization_config: Fp8Config | Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
@@ -72,10 +74,14 @@ def load_transformer(
 
     Args:
         pretrained: A pipeline folder or a transformer folder (high precision, converted, or
-            another tool's FP8: vLLM fp8, compressed-tensors, ModelOpt), or a single FP8
+            another tool's FP8: vLLM fp8, compressed-tensors, ModelOpt), a Hugging Face Hub repo id
+            of either (only the transformer's files are downloaded, into the Hub cache diffusers
+            uses, and loading starts while later shards download), or a single FP8
             ``.safetensors`` file (ComfyUI's, BFL's ``fp8r``) with ``config``.
         subfolder: The transformer's folder inside ``pretrained`` (``"transformer"``); by default
             ``transformer/`` of a pipeline folder, or ``pretrained`` itself.
+        revision: For a repo id: the branch, tag or commit (default ``main``).
+        token: For a repo id: a Hub token (default: ``HF_TOKEN`` or the saved login).
         quantization: ``"fp8"`` quantizes a high-precision checkpoint while loading. A converted
             folder loads as FP8 either way; ``None`` on a high-precision folder loads it as is.
         quantization_config: ``Fp8Config`` or dict (``ignored_layers``, ``weight_block_size``,
@@ -104,7 +110,8 @@ def load_transformer(
     device = _usable_device(device)
     if force_fp8_kernels and not device_has_fp8(device):
         raise no_fp8_gemm_error(device)  # before reading a byte; each layer checks its scheme too
-    source = open_source(pretrained, subfolder=subfolder, allow_quantized=True, config=config)
+    source = open_source(pretrained, subfolder=subfolder, revision=revision, token=token, allow_quantized=True,
+                         config=config)
     model = empty_model(source.class_name, source.config)
     folder_config = source.config.get("quantization_config")
     _check_quantization_config(source, folder_config)
@@ -346,7 +353,8 @@ def _stream(
     progress: bool,
 ) -> None:
     """Map each checkpoint tensor in file order, turn it into model tensors, put them in place."""
-    with source.open_reader() as reader, _bar(source.data_bytes, progress) as bar:
+    with (source.downloading(progress=progress), source.open_reader() as reader,
+          _bar(source.data_bytes, progress) as bar):
         for info in source.tensors:
             for name, tensor in place(info.name, reader.read(info)):
                 _assign(model, name, tensor)

@@ -17,6 +17,7 @@ from omni_fp8.converter import (
     convert,
     make_plan,
     open_source,
+    push,
     read_manifest,
     verify,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "Plan",
     "read_manifest",
     "verify",
+    "push",
     "OmniFp8Error",
     "errors",
     "__version__",
