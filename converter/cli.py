@@ -17,14 +17,15 @@ from .cli_common import emit_json as _emit_json
 from .cli_common import fail_cleanly as _fail_cleanly
 from .cli_common import fp8_config as _config
 from .cli_common import fp8_options
-from .convert import DEFAULT_MAX_SHARD_SIZE, execute
+from .convert import DEFAULT_MAX_SHARD_SIZE, execute, fetching
 from .errors import ConfigError
 from .manifest import read_manifest, verify
 from .options import DEFAULT_MAX_ERROR, DEFAULT_TARGET, TARGETS, Fp8Config, parse_dtype, parse_size
 from .plan import make_plan
-from .source import MANIFEST_NAME, open_source
+from .source import MANIFEST_NAME, check_not_quantized, open_source
 
 _DTYPES = ("keep", "bf16", "fp16", "fp32")
+_INPUTS_NAME = "sample_inputs.safetensors"
 
 
 def _plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,6 +43,20 @@ def _plan_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return fp8_options(command)
 
 
+def _hub_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where a source is when it is a Hub repo id: the Hub's own option names."""
+    options = [
+        click.option("--subfolder", metavar="DIR", help="The transformer's folder inside SRC (default: transformer/ "
+                                                         "of a pipeline, or SRC itself)."),
+        click.option("--revision", metavar="REV", help="For a Hub repo id: branch, tag or commit (default: main)."),
+        click.option("--token", metavar="TOKEN", help="For a Hub repo id: a Hub token (default: HF_TOKEN, or the "
+                                                      "login `hf auth login` saved)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _torch_dtype(name: str) -> Any:
     return parse_dtype(name)
 
@@ -57,6 +72,7 @@ def main(debug: bool) -> None:
 @click.argument("src")
 @click.argument("out")
 @_plan_options
+@_hub_options
 @click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
               help="Largest output shard (e.g. 2GB, 500MB, 4GiB).")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier omni-fp8 output.")
@@ -64,24 +80,32 @@ def main(debug: bool) -> None:
 @_fail_cleanly
 def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, ...],
             weight_block_size: str | None, activation_scheme: str, dtype: str, target: str, as_json: bool,
+            subfolder: str | None, revision: str | None, token: str | None,
             max_shard_size: str, force: bool, quiet: bool) -> None:
-    """Convert the transformer of SRC (pipeline or transformer folder) into OUT.
+    """Convert the transformer of SRC (pipeline or transformer folder, or a Hub repo id) into OUT.
+
+    With --subfolder, OUT holds that folder converted and nothing else of the pipeline.
 
     \b
     omni-convert convert ./Qwen-Image ./Qwen-Image-fp8
     omni-convert convert ./transformer ./transformer-fp8 --ignored-layers img_mlp --weight-block-size 128,128
     omni-convert convert ./Qwen-Image ./Qwen-Image-fp8-vllm --target vllm-omni
     omni-convert convert ./Z-Image-Turbo ./zit-fp8.safetensors --target comfyui
+    omni-convert convert Qwen/Qwen-Image ./Qwen-Image-fp8
+    omni-convert convert Tongyi-MAI/Z-Image-Turbo ./zit-fp8 --subfolder transformer
     """
     from .check import check
     from .report import plan_text
 
     config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
     limit = parse_size(max_shard_size)
-    plan = make_plan(open_source(src), config, dtype=_torch_dtype(dtype), target=target)
-    if not quiet and not as_json:
-        click.echo(plan_text(plan, table=False), err=True)
-    result = execute(plan, out, max_shard_size=limit, force=force, progress=not quiet)
+    source = open_source(src, subfolder=subfolder, revision=revision, token=token)
+    source = source.component_only() if subfolder else source
+    with fetching(source, target=target, progress=not quiet):
+        plan = make_plan(source, config, dtype=_torch_dtype(dtype), target=target)
+        if not quiet and not as_json:
+            click.echo(plan_text(plan, table=False), err=True)
+        result = execute(plan, out, max_shard_size=limit, force=force, progress=not quiet)
     vllm = None
     if target == DEFAULT_TARGET:  # no folder of ours may be mis-loaded by vllm-omni without a word
         report = check(result.output, "vllm-omni")
@@ -100,41 +124,80 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
 @main.command()
 @click.argument("path")
 @_plan_options
+@_hub_options
+@click.option("--config", "model_config", metavar="PATH",
+              help="For a single .safetensors file: the model's config.json or its folder.")
 @_fail_cleanly
 def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
-            activation_scheme: str, dtype: str, target: str, as_json: bool) -> None:
-    """Show the plan for a source folder, or summarise a converted one.
+            activation_scheme: str, dtype: str, target: str, as_json: bool, subfolder: str | None,
+            revision: str | None, token: str | None, model_config: str | None) -> None:
+    """Show the plan for a source (folder or Hub repo id), or summarise an FP8 checkpoint.
 
     For a source: what would be quantized, what kept and why, and the sizes before and after.
-    For a converted folder (it has fp8_manifest.json): what it holds and how it was made.
+    For a converted folder (it has fp8_manifest.json): what it holds and how it was made. For
+    another tool's FP8 checkpoint (vLLM fp8, compressed-tensors, ModelOpt; ComfyUI or BFL fp8r
+    single files with --config): its layout, as load_transformer reads it. A Hub repo is read from
+    its configs and shard headers alone: no shard is downloaded.
     """
     from pathlib import Path
 
-    from .report import folder_json, folder_text, plan_json, plan_text
+    from .layouts import read_layout
+    from .plan import linear_shapes, meta_model
+    from .report import layout_json, layout_text, plan_json, plan_text, source_label
 
     folder = Path(path)
-    if (folder / MANIFEST_NAME).is_file():
-        given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
-                                          ("--weight-block-size", weight_block_size),
-                                          ("--activation-scheme", activation_scheme != "dynamic"),
-                                          ("--dtype", dtype != "keep"),
-                                          ("--target", target != DEFAULT_TARGET)) if value]
-        if given:
-            raise ConfigError(
-                f"{folder}: is a converted folder, shown as it was made; {', '.join(given)} only shape the plan "
-                "for a high-precision source. Drop them, or inspect the source instead.")
-        manifest = read_manifest(folder)
-        if as_json:
-            _emit_json(folder_json(folder, manifest))
-        else:
-            click.echo(folder_text(folder, manifest))
+    plan_flags = (preset, ignored_layers, weight_block_size, activation_scheme, dtype, target)
+    if (folder / MANIFEST_NAME).is_file() and subfolder is None:
+        _show_converted(folder, str(folder), *plan_flags, as_json)
         return
+    source = open_source(path, subfolder=subfolder, revision=revision, token=token, allow_quantized=True,
+                         config=model_config)
+    if (source.root / MANIFEST_NAME).is_file() and source.origin.get("type") == "hub":
+        _show_converted(source.root, source_label(source.origin), *plan_flags, as_json)
+        return
+    layout = read_layout(source, linear_shapes(meta_model(source.class_name, source.config)))
+    if layout is not None:
+        _refuse_plan_flags(str(folder), "an FP8 checkpoint", *plan_flags)
+        if as_json:
+            _emit_json(layout_json(source, layout))
+        else:
+            click.echo(layout_text(source, layout))
+        return
+    check_not_quantized(source)
     config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
-    plan = make_plan(open_source(path), config, dtype=_torch_dtype(dtype), target=target)
+    plan = make_plan(source, config, dtype=_torch_dtype(dtype), target=target)
     if as_json:
         _emit_json(plan_json(plan))
     else:
         click.echo(plan_text(plan))
+
+
+def _refuse_plan_flags(label: str, what: str, preset: str | None, ignored_layers: tuple[str, ...],
+                       weight_block_size: str | None, activation_scheme: str, dtype: str, target: str) -> None:
+    """Options that shape a plan mean nothing for an FP8 checkpoint, shown as it was made."""
+    given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
+                                      ("--weight-block-size", weight_block_size),
+                                      ("--activation-scheme", activation_scheme != "dynamic"),
+                                      ("--dtype", dtype != "keep"),
+                                      ("--target", target != DEFAULT_TARGET)) if value]
+    if given:
+        raise ConfigError(
+            f"{label}: is {what}, shown as it was made; {', '.join(given)} only shape the plan "
+            "for a high-precision source. Drop them, or inspect the source instead.")
+
+
+def _show_converted(folder: Any, label: str, preset: str | None, ignored_layers: tuple[str, ...],
+                    weight_block_size: str | None, activation_scheme: str, dtype: str, target: str,
+                    as_json: bool) -> None:
+    from .report import folder_json, folder_text
+
+    _refuse_plan_flags(label, "a converted folder", preset, ignored_layers, weight_block_size, activation_scheme,
+                       dtype, target)
+    manifest = read_manifest(folder)
+    if as_json:
+        _emit_json(folder_json(label, manifest))
+    else:
+        click.echo(folder_text(label, manifest))
 
 
 @main.command(name="verify")
@@ -209,11 +272,13 @@ def check_command(path: str, target: str, as_json: bool) -> None:
 @click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
               help="Layers that stay high precision regardless (not measured).")
 @click.option("--weight-block-size", metavar="BN,BK", help="Measure block-scaled FP8 (default: per tensor).")
+@_hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
 def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored_layers: tuple[str, ...],
-                    weight_block_size: str | None, as_json: bool, quiet: bool) -> None:
+                    weight_block_size: str | None, subfolder: str | None, revision: str | None, token: str | None,
+                    as_json: bool, quiet: bool) -> None:
     """Measure each layer group's FP8 damage on recorded inputs and suggest --ignored-layers.
 
     Quantizes one group of Linears at a time (a block's attention, each MLP, the modulation, each
@@ -229,19 +294,23 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
 
     if max_error != max_error:  # NaN passes every range check
         raise ConfigError("--max-error nan is not a number; give a bound such as 0.065.")
-    source = open_source(src, allow_quantized=True)
+    source = open_source(src, subfolder=subfolder, revision=revision, token=token, allow_quantized=True)
     if "quantization_config" in source.config:
         raise UnsupportedSourceError(
             f"{source.model_dir}: already quantized; suggest measures the high-precision checkpoint it came from.",
             path=source.model_dir)
-    path = Path(inputs_path) if inputs_path else source.model_dir / "sample_inputs.safetensors"
+    path = Path(inputs_path) if inputs_path else source.model_dir / _INPUTS_NAME
+    if not inputs_path and source.files.exists(path):
+        path = source.files.fetch(path)  # a Hub repo may ship recorded inputs beside the weights
     if not path.is_file():
         raise SourceNotFoundError(
             f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
             "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
     config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size)
     calls = load_inputs(path)  # before the model: a bad inputs file should not cost a load
-    model = load_transformer(src, progress=not quiet)
+    # A Hub source at the commit just opened, even if its branch moves meanwhile.
+    pinned = source.origin["commit"] if source.origin.get("type") == "hub" else revision
+    model = load_transformer(src, subfolder=subfolder, revision=pinned, token=token, progress=not quiet)
     report = suggest(model, calls, config, max_error=max_error, progress=not quiet)
     patterns = [*config.ignored_layers, *report.ignored_layers]
     if as_json:
@@ -250,7 +319,51 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
     click.echo(report.table())
     flag = f" --ignored-layers {','.join(patterns)}" if patterns else ""
     block = f" --weight-block-size {weight_block_size}" if weight_block_size else ""
-    click.echo(f"\nomni-convert convert {src} OUT --preset none{flag}{block}")
+    hub_flags = "".join(f" --{name} {value}" for name, value in (("subfolder", subfolder), ("revision", revision))
+                        if value)
+    click.echo(f"\nomni-convert convert {src} OUT --preset none{flag}{block}{hub_flags}")
+
+
+@main.command()
+@click.argument("folder")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="Branch to push to, created from main if missing (default: main).")
+@click.option("--commit-message", metavar="TEXT", help="Default: 'Upload FP8 weights (omni-fp8)'.")
+@click.option("--token", metavar="TOKEN", help="A token with write access (default: HF_TOKEN, or the login "
+                                               "`hf auth login` saved).")
+@click.option("--dry-run", is_flag=True, help="Verify, write the model card, list what would be uploaded; upload "
+                                              "nothing.")
+@click.option("--overwrite-card", is_flag=True, help="Replace a README.md that omni-fp8 did not write.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def push(folder: str, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
+         token: str | None, dry_run: bool, overwrite_card: bool, as_json: bool, quiet: bool) -> None:
+    """Verify a converted FOLDER, write its model card, and upload it to the Hub repo REPO_ID.
+
+    Only the files its manifest lists are sent, in one commit; running it again after a failure
+    sends only what is missing. A README.md you wrote is kept unless --overwrite-card.
+
+    \b
+    omni-convert push ./Qwen-Image-fp8 my-org/Qwen-Image-FP8 --dry-run
+    omni-convert push ./Qwen-Image-fp8 my-org/Qwen-Image-FP8 --private
+    """
+    from .push import push as push_folder
+    from .report import size_text
+
+    result = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                         token=token, dry_run=dry_run, overwrite_card=overwrite_card, progress=not quiet)
+    if as_json:
+        _emit_json(result.to_dict())
+        return
+    if not quiet:
+        if dry_run:
+            for rel in result.files:
+                click.echo(f"  {rel}  {size_text((result.folder / rel).stat().st_size)}")
+        who = "written by omni-fp8" if result.card == "written" else "yours, kept (--overwrite-card replaces it)"
+        click.echo(f"Model card: README.md, {who}")
+    click.echo(result.summary_line())
 
 
 @main.command()

@@ -14,7 +14,8 @@ import errno
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,11 @@ from .manifest import FILE_RECORD_KEY, build_file_record, build_manifest
 from .options import SINGLE_FILE_TARGETS, Fp8Config, parse_path, parse_size
 from .plan import Plan, make_plan
 from .report import size_text
-from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, open_source
+from .source import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, Source, open_source
 from .output import check_output, check_output_file, publish, publish_file, staging_folder
 from .writer import FileRecord, FileTensor, carry_over, hash_file, write_file, write_index, write_json, write_shards
 
-__all__ = ["convert", "execute", "ConversionResult", "DEFAULT_MAX_SHARD_SIZE"]
+__all__ = ["convert", "execute", "fetching", "ConversionResult", "DEFAULT_MAX_SHARD_SIZE"]
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -83,6 +84,9 @@ def convert(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     config: Fp8Config | Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -93,10 +97,15 @@ def convert(
     """Convert a BF16/FP16/FP32 diffusers checkpoint to FP8 weights in a new folder (or file).
 
     ``src`` is a pipeline folder (its transformer is converted, every other component is
-    hard-linked or copied, so ``out`` is a complete pipeline) or a transformer folder. ``src`` is
-    never modified; ``out`` appears only once complete.
+    hard-linked or copied, so ``out`` is a complete pipeline), a transformer folder, or a Hugging
+    Face Hub repo id of either (downloaded into the Hub cache, shards converted as they arrive).
+    ``src`` is never modified; ``out`` appears only once complete.
 
     Args:
+        subfolder: Convert only this folder of ``src`` (``"transformer"``): ``out`` is then a
+            transformer folder, and nothing else of a pipeline is carried over or downloaded.
+        revision: For a repo id: the branch, tag or commit (default ``main``).
+        token: For a repo id: a Hub token (default: ``HF_TOKEN`` or the saved login).
         config: An ``Fp8Config`` or the equivalent dict; ``None`` means defaults plus the preset
             registered for the model's class.
         dtype: Cast the tensors that stay high precision (e.g. ``torch.bfloat16``); ``None``
@@ -111,8 +120,27 @@ def convert(
     start = time.perf_counter()
     config = Fp8Config.coerce(config)
     limit = parse_size(max_shard_size)
-    plan = make_plan(open_source(src), config, dtype=dtype, target=target)
-    return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
+    source = open_source(src, subfolder=subfolder, revision=revision, token=token)
+    source = source.component_only() if subfolder else source
+    with fetching(source, target=target, progress=progress):
+        plan = make_plan(source, config, dtype=dtype, target=target)
+        return execute(plan, out, max_shard_size=limit, force=force, progress=progress, started=start)
+
+
+@contextmanager
+def fetching(source: Source, *, target: str | None = None, progress: bool) -> Iterator[None]:
+    """Start a Hub source's downloads (shards, then the files a folder output carries over) before planning.
+
+    Building the model for the plan takes seconds (importing diffusers, mostly); the first shard
+    downloads meanwhile. A single-file ``target`` carries nothing over, so nothing else is fetched.
+    A local source has nothing to download and goes straight on.
+    """
+    if source.origin.get("type") != "hub":
+        yield
+        return
+    carried = () if target in SINGLE_FILE_TARGETS else source.passthrough_files()
+    with source.downloading(carried, progress=progress):
+        yield
 
 
 def execute(
@@ -136,7 +164,8 @@ def execute(
     component = source.subfolder
     prefix = f"{component}/" if component else ""
 
-    with staging_folder(out) as staging:
+    # A Hub source downloads in the background what is read next: the shards, then the rest.
+    with staging_folder(out) as staging, source.downloading(passthrough, progress=progress):
         try:
             manifest = _write(plan, staging, passthrough, component, prefix, limit, progress, start)
         except OSError as e:
@@ -185,9 +214,11 @@ def _write(
     plan: Plan, staging: Path, passthrough: list[str], component: str, prefix: str, limit: int, progress: bool,
     start: float,
 ) -> dict[str, Any]:
-    """Everything a converted folder holds, written into ``staging``, manifest last."""
+    """Everything a converted folder holds, written into ``staging``, manifest last.
+
+    Shards come first: a Hub source downloads them first, and the other components meanwhile.
+    """
     source = plan.source
-    carried = {rel: carry_over(source.root / rel, staging / rel) for rel in passthrough}
     model_out = staging / component
     model_out.mkdir(parents=True, exist_ok=True)
 
@@ -201,6 +232,7 @@ def _write(
     config["quantization_config"] = plan.quantization_config()
     files[prefix + CONFIG_NAME] = write_json(model_out / CONFIG_NAME, config)
 
+    carried = {rel: carry_over(source.local_file(rel), staging / rel) for rel in passthrough}
     carried_bytes = sum((staging / rel).stat().st_size for rel in carried)
     with tqdm(total=carried_bytes, unit="B", unit_scale=True, desc="Hashing carried-over files",
               disable=not progress or carried_bytes < (256 << 20)) as bar:

@@ -26,6 +26,8 @@ __all__ = [
     "OutputExistsError",
     "OutputWriteError",
     "VerificationError",
+    "HubAccessError",
+    "HubConnectionError",
 ]
 
 
@@ -89,5 +91,13 @@ class OutputWriteError(OmniFp8Error, OSError):
     """Writing the output failed (disk full, file size limit, permissions); nothing was published."""
 
 
-class VerificationError(OmniFp8Error):
+class VerificationError(OmniFp8Error, ValueError):
     """A converted folder no longer matches its manifest."""
+
+
+class HubAccessError(OmniFp8Error, PermissionError):
+    """The Hub refused: a gated or private repo without a usable token, or no write access for a push."""
+
+
+class HubConnectionError(OmniFp8Error, ConnectionError):
+    """The Hub could not be reached (or ``HF_HUB_OFFLINE`` is set) and the cache does not have what is needed."""

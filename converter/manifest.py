@@ -9,7 +9,7 @@ and SHA-256 of every output file, and the byte totals. ``verify`` re-hashes the 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -85,7 +85,6 @@ def build_manifest(
                     "scale_of": t.name,
                 }
             )
-    source = plan.source
     totals = {
         "source_bytes": plan.source_bytes,
         "output_bytes": plan.output_bytes,
@@ -153,8 +152,9 @@ def saved_manifest(
             entry.update(source_dtype=None, scheme="scale", scale_of=f"{base}.weight")
         elif info.dtype == "F8_E4M3" and info.name.endswith(".weight") and scale is not None:
             known = source_dtypes.get(info.name)
-            entry.update(source_dtype=known, scale=scale,
-                         scheme="fp8_tensor" if scale.endswith("weight_scale") else "fp8_block")
+            per_row = scale.endswith("weight_scale") and infos[scale].shape[:1] == info.shape[:1] and info.shape[0] > 1
+            scheme = "fp8_block" if scale.endswith("_inv") else "fp8_channel" if per_row else "fp8_tensor"
+            entry.update(source_dtype=known, scale=scale, scheme=scheme)
             source_bytes += info.nbytes * (DTYPES[known].itemsize if known else 1)
             linears += 1
             quantized += 1
@@ -220,7 +220,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-_SCHEMES = {"fp8_tensor", "fp8_block", "kept", "scale"}
+_SCHEMES = {"fp8_tensor", "fp8_channel", "fp8_block", "kept", "scale"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -239,6 +239,10 @@ def _manifest_problem(m: Mapping[str, Any]) -> str | None:
             return f"source.{key} is missing"
     if not isinstance(m["tool"].get("version"), str):
         return "tool.version is missing"
+    card = m.get("model_card")
+    if card is not None and not (isinstance(card, dict) and card.get("path") in m["files"]
+                                 and card.get("written_by") in ("omni-fp8", "user")):
+        return "model_card does not name a listed file and who wrote it"
     options = m["options"]
     if not isinstance(options.get("ignored_layers"), list) or not isinstance(options.get("activation_scheme"), str):
         return "options.ignored_layers or options.activation_scheme is missing"
@@ -294,13 +298,21 @@ class VerifyReport:
                 "bytes": self.bytes, "problems": self.problems}
 
 
-def verify(folder: str | Path, *, on_bytes: Callable[[int], None] | None = None) -> VerifyReport:
-    """Re-hash every file the manifest lists; report missing, changed and unlisted files."""
+def verify(
+    folder: str | Path, *, on_bytes: Callable[[int], None] | None = None, ignore: Collection[str] = ()
+) -> VerifyReport:
+    """Re-hash every file the manifest lists; report missing, changed and unlisted files.
+
+    ``ignore`` names files (relative to ``folder``) to leave out either way: ``push`` settles the
+    model card itself before it uploads.
+    """
     folder = parse_path(folder, what="the folder")
     manifest = read_manifest(folder)
     report = VerifyReport(folder)
     listed = manifest.get("files", {})
     for rel, expected in listed.items():
+        if rel in ignore:
+            continue
         path = folder / rel
         if path.is_symlink():
             report.problems.append(f"{rel}: a symbolic link, not the file that was written")
@@ -319,7 +331,9 @@ def verify(folder: str | Path, *, on_bytes: Callable[[int], None] | None = None)
             report.problems.append(f"{rel}: SHA-256 differs from the manifest (the file was changed)")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel != MANIFEST_NAME and rel not in listed and not any(part.startswith(".") for part in path.parts[len(folder.parts):]):
+        if rel not in (MANIFEST_NAME, *ignore) and rel not in listed and not any(
+            part.startswith(".") for part in path.parts[len(folder.parts):]
+        ):
             report.problems.append(f"{rel}: not in the manifest")
     return report
 

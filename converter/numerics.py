@@ -42,6 +42,7 @@ __all__ = [
     "weight_amax",
     "shared_scale",
     "quantize_blockwise",
+    "quantize_per_channel",
     "dequantize_weight",
     "quantize_activation",
     "cast_checked",
@@ -69,6 +70,7 @@ def quantize_weight(
     weight: torch.Tensor,
     block_size: tuple[int, int] | None = None,
     *,
+    per_channel: bool = False,
     name: str = "weight",
     out: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
@@ -78,8 +80,13 @@ def quantize_weight(
     ``name`` only serves the error message when the weight holds NaN or Inf. ``out``, an FP8
     tensor of the weight's shape, receives ``q`` instead of a fresh allocation. ``scale`` (per
     tensor only) is a fused group's ``shared_scale``, used instead of the weight's own.
+    ``per_channel`` gives one scale per output row (``weight_scale`` ``[N, 1]``).
     """
     weight = weight.detach()  # quantization is not differentiable; a LoRA merge may pass a graph
+    if per_channel:
+        if block_size is not None or scale is not None:
+            raise ValueError(f"{name}: per-channel scales are each row's own, without blocks or a shared scale")
+        return quantize_per_channel(weight, name=name, out=out)
     if block_size is None:
         return quantize_per_tensor(weight, name=name, out=out, scale=scale)
     if scale is not None:
@@ -165,13 +172,43 @@ def quantize_blockwise(
     return q, scales
 
 
+def quantize_per_channel(
+    weight: torch.Tensor, *, name: str = "weight", out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 scale per output row (``[N, 1]``): the per-tensor rule applied to each row.
+
+    The layout vLLM's compressed-tensors and ModelOpt checkpoints use; a row-wise FP8 GEMM takes
+    these scales in its epilogue at no cost.
+    """
+    _check_weight(weight, name)
+    weight = weight.contiguous()
+    n, k = weight.shape
+    q = _output(weight, out)
+    scales = torch.empty((n, 1), dtype=torch.float32, device=weight.device)
+    rows = max(1, _CHUNK_ELEMENTS // max(k, 1))
+    scratch = torch.empty(min(rows, n) * k, dtype=torch.float32, device=weight.device)
+    for r0 in range(0, n, rows):
+        r1 = min(r0 + rows, n)
+        buf = scratch[: (r1 - r0) * k].view(r1 - r0, k)
+        buf.copy_(weight[r0:r1])
+        amax = torch.maximum(buf.amax(dim=1, keepdim=True), buf.amin(dim=1, keepdim=True).neg())
+        if not torch.isfinite(amax).all():
+            raise _non_finite(name)
+        row_scales = _scale_from_amax(amax)
+        scales[r0:r1] = row_scales
+        buf.div_(row_scales).clamp_(-FP8_MAX, FP8_MAX)
+        q[r0:r1].copy_(buf)
+    return q, scales
+
+
 def dequantize_weight(
     q: torch.Tensor,
     scale: torch.Tensor,
     block_size: tuple[int, int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``q * scale`` (per tensor) or ``q * scale_inv`` expanded over its blocks, cast to ``dtype``."""
+    """``q * scale`` (per tensor, or per row with a ``[N, 1]`` scale) or ``q * scale_inv`` expanded
+    over its blocks, cast to ``dtype``."""
     out = q.to(torch.float32)
     if block_size is None:
         out.mul_(scale.to(torch.float32))

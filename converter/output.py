@@ -30,12 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, CorruptCheckpointError, OutputExistsError, SourceNotFoundError
+from .filenames import MANIFEST_NAME
 from .manifest import read_file_record, read_manifest
 from .safetensors_format import read_header
-from .source import MANIFEST_NAME
+from .writer import hash_file
 
 __all__ = [
     "Existing", "check_output", "staging_folder", "publish", "unlisted_files", "check_output_file", "publish_file",
+    "is_unfinished",
 ]
 
 _STAGING_MARK = ".omni-fp8-partial-"
@@ -93,6 +95,23 @@ def _check_replaceable(out: Path) -> None:
     if extra:
         more = f", and {len(extra) - 3} more" if len(extra) > 3 else ""
         raise _not_ours(out, f"it holds files its manifest does not list ({', '.join(extra[:3])}{more})")
+    card = _card_not_ours(out, manifest)
+    if card:
+        raise _not_ours(out, card)
+
+
+def _card_not_ours(out: Path, manifest: dict) -> str | None:
+    """A model card that ``push`` kept (the user's) or that was edited since omni-fp8 wrote it is the
+    user's writing: listed in the manifest, but not ours to delete."""
+    card = manifest.get("model_card")
+    if card is None:
+        return None
+    if card["written_by"] != "omni-fp8":
+        return f"its model card {card['path']} was written by you, not by omni-fp8"
+    path = out / card["path"]
+    if path.is_file() and hash_file(path).sha256 != manifest["files"][card["path"]]["sha256"]:
+        return f"its model card {card['path']} was edited after omni-fp8 wrote it"
+    return None
 
 
 def unlisted_files(folder: Path, listed: object) -> list[str]:
@@ -117,6 +136,12 @@ def _not_ours(out: Path, why: str) -> OutputExistsError:
         "nothing was deleted. Remove it yourself or choose another path.",
         path=out,
     )
+
+
+def is_unfinished(folder: Path) -> bool:
+    """A staging folder (a run in progress or killed) or an output set aside while publishing: it
+    may hold a manifest, but it is not an output to publish anywhere."""
+    return _STAGING_MARK in folder.name or _REPLACED_MARK in folder.name or (folder / _OWNER_FILE).exists()
 
 
 @contextmanager

@@ -194,6 +194,7 @@ def decide_linears(model: nn.Module, config: Fp8Config, *, class_name: str | Non
     alignment and the layers whose dtype its forward reads. The converter, the loader,
     ``quantize_`` and the sensitivity study all decide through here."""
     class_name = class_name or type(model).__name__
+    config = Fp8Config.coerce(config)
     preset = resolve_preset(config.preset, class_name)
     ignored = tuple(dict.fromkeys((*(preset.ignored_layers if preset else ()), *config.ignored_layers)))
     shapes = linear_shapes(model)

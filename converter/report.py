@@ -16,7 +16,8 @@ from .manifest import manifest_total_bytes
 from .plan import KEPT, Plan
 from .safetensors_format import DTYPES
 
-__all__ = ["plan_text", "plan_json", "folder_text", "folder_json", "size_text"]
+__all__ = ["plan_text", "plan_json", "folder_text", "folder_json", "layout_text", "layout_json", "size_text",
+           "source_label"]
 
 _BLOCK_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")  # the first one is the block number
 
@@ -45,7 +46,8 @@ def plan_text(plan: Plan, *, table: bool = True) -> str:
     where = f"{source.kind}, {source.subfolder + ': ' if source.subfolder else ''}{source.class_name}"
     preset = plan.preset
     lines = [
-        f"Source:   {source.root} ({where}, {len(source.shards)} shard{'s' * (len(source.shards) != 1)})",
+        f"Source:   {source_label(source.origin, source.root)} ({where}, {len(source.shards)} "
+        f"shard{'s' * (len(source.shards) != 1)})",
         f"Preset:   {preset.name}: {preset.description}" if preset else "Preset:   none",
         f"Scheme:   {_scheme_words(plan.config.weight_block_size)}, {plan.config.activation_scheme} activations",
     ]
@@ -67,7 +69,16 @@ def plan_text(plan: Plan, *, table: bool = True) -> str:
     return "\n".join(lines)
 
 
-def folder_json(folder: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+def source_label(origin: Mapping[str, Any], fallback: object = None) -> str:
+    """How a source is named to a person: ``org/name@main (commit 0123abcd4567)`` for a Hub repo."""
+    if origin.get("type") == "hub":
+        sub = f", subfolder {origin['subfolder']}" if origin.get("subfolder") else ""
+        return f"{origin['repo_id']}@{origin.get('revision') or 'main'} (commit {str(origin.get('commit'))[:12]}{sub})"
+    return str(origin.get("path") or origin.get("repo_id") or origin.get("name") or origin.get("from")
+               or fallback or origin.get("type"))
+
+
+def folder_json(folder: Path | str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "folder": str(folder),
         "tool": manifest["tool"],
@@ -82,7 +93,7 @@ def folder_json(folder: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def folder_text(folder: Path, manifest: Mapping[str, Any]) -> str:
+def folder_text(folder: Path | str, manifest: Mapping[str, Any]) -> str:
     totals, options, source = manifest["totals"], manifest["options"], manifest["source"]
     rows = []
     by_name = {t["name"]: t for t in manifest["tensors"]}
@@ -98,8 +109,7 @@ def folder_text(folder: Path, manifest: Mapping[str, Any]) -> str:
     block = manifest["quantization_config"]["weight_block_size"]
     lines = [
         f"Folder:   {folder} (omni-fp8 {manifest['tool']['version']}, {manifest['created']})",
-        f"Source:   {source.get('path') or source.get('repo_id') or source.get('from') or source.get('type')} "
-        f"({source['kind']}, {source['class_name']})",
+        f"Source:   {source_label(source)} ({source['kind']}, {source['class_name']})",
         f"Preset:   {options['preset']}; ignored_layers: {', '.join(options['ignored_layers']) or 'none'}",
         f"Scheme:   {_scheme_words(block)}, {options['activation_scheme']} activations",
         f"Linears:  {totals['linears_quantized']} of {totals['linears']} in FP8",
@@ -143,3 +153,37 @@ def size_text(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def layout_json(source: Any, layout: Any) -> dict[str, Any]:
+    """Another tool's (or a manifest-less) FP8 checkpoint, as ``load_transformer`` reads it."""
+    schemes: dict[str, int] = {}
+    for scheme in layout.schemes.values():
+        schemes[scheme] = schemes.get(scheme, 0) + 1
+    by_dtype: dict[str, int] = {}
+    for t in source.tensors:
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    return {
+        "path": str(source.shards[0].path if source.kind == "file" else source.model_dir),
+        "class_name": source.class_name,
+        "layout": layout.name,
+        "weight_block_size": list(layout.block_size) if layout.block_size else None,
+        "schemes": schemes,
+        "kept_linears": [n for n, s in layout.schemes.items() if s == KEPT],
+        "bytes_by_dtype": by_dtype,
+        "notes": list(layout.notes),
+    }
+
+
+def layout_text(source: Any, layout: Any) -> str:
+    data = layout_json(source, layout)
+    fp8 = sum(n for s, n in data["schemes"].items() if s != KEPT)
+    lines = [
+        f"Path:     {data['path']} ({data['class_name']})",
+        f"Layout:   {layout.name}" + (f", blocks {data['weight_block_size']}" if data["weight_block_size"] else ""),
+        f"Linears:  {fp8} of {len(layout.schemes)} in FP8 ("
+        + ", ".join(f"{s} {n}" for s, n in sorted(data["schemes"].items())) + ")",
+        "Bytes:    " + ", ".join(f"{d} {size_text(n)}" for d, n in sorted(data["bytes_by_dtype"].items())),
+        *[f"Note:     {note}" for note in data["notes"]],
+    ]
+    return "\n".join(lines)

@@ -36,6 +36,7 @@ __all__ = [
     "TensorInfo",
     "SafetensorsHeader",
     "read_header",
+    "parse_header",
     "read_tensor",
     "ShardWriter",
     "dtype_name",
@@ -112,8 +113,10 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         f.seek(0, 2)
         size = f.tell()
         f.seek(0)
-        prefix = f.read(8)
-        if prefix.startswith(_PICKLE_MAGIC):
+        head = f.read(9)
+        prefix = head[:8]
+        # A header length can begin with a pickle's magic bytes too (640 is 80 02 00 ...); its JSON cannot.
+        if prefix.startswith(_PICKLE_MAGIC) and head[8:9] != b"{":
             raise PickleCheckpointError(
                 f"{path}: this is a pickle (torch.save) checkpoint named .safetensors; omni-fp8 never "
                 "unpickles. Re-save it with safetensors on a machine you trust.",
@@ -126,6 +129,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raise _corrupt(path, f"its header claims {header_len} bytes (limit {MAX_HEADER_BYTES})")
         if 8 + header_len > size:
             raise _corrupt(path, f"the header needs {8 + header_len} bytes but the file has {size}")
+        f.seek(8)
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -133,16 +137,25 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         raise _corrupt(path, "its header nests JSON too deeply to be a tensor table") from e
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise _corrupt(path, f"its header is not valid UTF-8 JSON ({e})") from e
+    return parse_header(path, header, data_start=8 + header_len, file_size=size)
+
+
+def parse_header(path: Path, header: object, *, data_start: int, file_size: int) -> SafetensorsHeader:
+    """Validate a decoded header table (``{name: {dtype, shape, data_offsets}, "__metadata__": ...}``).
+
+    ``read_header`` hands it a file's own header; a header read remotely (from the Hugging Face
+    Hub, without the file) goes through the same checks, so a plan never rests on a table that
+    a local read would have refused.
+    """
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
-
+    header = dict(header)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _corrupt(path, "__metadata__ must map strings to strings")
 
-    data_start = 8 + header_len
     entries: list[TensorInfo] = []
     for name, entry in header.items():
         entries.append(_parse_entry(path, name, entry, data_start))
@@ -153,14 +166,14 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             what = "overlaps the previous tensor" if info.begin < expected else "leaves a gap before it"
             raise _corrupt(path, f"tensor {info.name!r} {what} (data_offsets are not contiguous)")
         expected = info.end
-    if expected != size:
-        if expected > size:
+    if expected != file_size:
+        if expected > file_size:
             raise _corrupt(
-                path, f"the tensors need {expected} bytes but the file has {size}: the file is truncated"
+                path, f"the tensors need {expected} bytes but the file has {file_size}: the file is truncated"
             )
-        raise _corrupt(path, f"{size - expected} trailing bytes after the last tensor")
+        raise _corrupt(path, f"{file_size - expected} trailing bytes after the last tensor")
     return SafetensorsHeader(
-        path=path, tensors={t.name: t for t in entries}, metadata=metadata, file_size=size
+        path=path, tensors={t.name: t for t in entries}, metadata=metadata, file_size=file_size
     )
 
 

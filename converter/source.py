@@ -6,54 +6,151 @@ before anything is converted (a bad shard found at 90% would waste the first 90%
 reads tensor data; ``Source.open_reader`` hands out tensors one at a time.
 
 A model in the Hugging Face cache resolves to its snapshot folder here (its files are links into
-the cache's blobs), so everything after this module only ever sees a local folder.
+the cache's blobs), and a Hub repo id (``Qwen/Qwen-Image``) to the snapshot its files are downloaded
+into (``hub.py``), so everything after this module only ever sees a local folder. A Hub source's
+shards may still be on their way: the reader waits for each one (``FileSet.fetch``), so a
+conversion starts on the first shard while the next ones download.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
+from . import hub
 from .errors import (
     ConfigError,
     CorruptCheckpointError,
+    OmniFp8Error,
     PickleCheckpointError,
     SourceNotFoundError,
     UnsupportedSourceError,
+)
+from .filenames import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    MODEL_INDEX_NAME,
+    PICKLE_SUFFIXES,
+    TRANSFORMER_COMPONENT,
+    WEIGHTS_NAME,
 )
 from .options import parse_path
 from .safetensors_format import SafetensorsHeader, TensorInfo, read_header, read_tensor
 
 __all__ = [
     "Source",
+    "FileSet",
     "open_source",
+    "check_not_quantized",
     "read_json",
+    "MANIFEST_NAME",
     "WEIGHTS_NAME",
     "INDEX_NAME",
     "CONFIG_NAME",
     "MODEL_INDEX_NAME",
 ]
 
-CONFIG_NAME = "config.json"
-MODEL_INDEX_NAME = "model_index.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-MANIFEST_NAME = "fp8_manifest.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TRANSFORMER_COMPONENT = "transformer"
 _LAYOUT_HINT = (
     "give a diffusers pipeline folder (with model_index.json) or a transformer folder "
     "(config.json + *.safetensors)"
 )
+
+
+class FileSet(Protocol):
+    """Where a source's files are: a local folder (``LocalFiles``) or a Hub repo (``hub.RepoFiles``).
+
+    Everything ``open_source`` needs to know about a folder goes through here, so a Hub repo is
+    planned from its listing and remote headers before any shard is downloaded.
+    """
+
+    def exists(self, path: Path) -> bool: ...
+
+    def is_dir(self, path: Path) -> bool: ...
+
+    def children(self, folder: Path) -> list[str]: ...
+
+    def files(self, folder: Path) -> list[str]: ...
+
+    def header(self, path: Path) -> SafetensorsHeader: ...
+
+    def fetch(self, path: Path) -> Path: ...
+
+    def downloading(self, paths: Sequence[Path], *, progress: bool) -> AbstractContextManager[None]: ...
+
+
+class LocalFiles:
+    """A folder on this machine: everything is already here."""
+
+    def exists(self, path: Path) -> bool:
+        return path.is_file()
+
+    def is_dir(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def children(self, folder: Path) -> list[str]:
+        return sorted(os.listdir(folder))
+
+    def files(self, folder: Path) -> list[str]:
+        """Every file below ``folder`` (relative to it), hidden ones left out.
+
+        Symbolic links are followed (a Hugging Face cache snapshot is made of them, and a
+        component may be a link to a folder elsewhere); a broken link, a link loop, or anything
+        that is not a plain file or folder (a FIFO would block the copy forever) is refused, naming it.
+        """
+        out: list[str] = []
+        _walk(folder, (), set(), out)
+        return out
+
+    def header(self, path: Path) -> SafetensorsHeader:
+        return read_header(path)
+
+    def fetch(self, path: Path) -> Path:
+        return path
+
+    def downloading(self, paths: Sequence[Path], *, progress: bool) -> AbstractContextManager[None]:
+        return nullcontext()
+
+
+def _walk(folder: Path, rel: tuple[str, ...], ancestors: set[tuple[int, int]], out: list[str]) -> None:
+    st = os.stat(folder)
+    key = (st.st_dev, st.st_ino)
+    if key in ancestors:
+        raise UnsupportedSourceError(
+            f"{folder}: a symbolic link loop (the folder contains itself); remove the link.", path=folder
+        )
+    ancestors = ancestors | {key}
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("."):
+            continue
+        path = folder / name
+        try:
+            st = os.stat(path)  # follows symbolic links
+        except FileNotFoundError as e:
+            raise SourceNotFoundError(
+                f"{path}: a broken symbolic link (to {os.readlink(path)}); restore its target or remove it.",
+                path=path,
+            ) from e
+        except OSError as e:
+            raise UnsupportedSourceError(f"{path}: cannot be read ({e.strerror}); fix or remove it.", path=path) from e
+        if stat.S_ISDIR(st.st_mode):
+            _walk(path, (*rel, name), ancestors, out)
+        elif stat.S_ISREG(st.st_mode):
+            out.append("/".join((*rel, name)))
+        else:
+            raise UnsupportedSourceError(
+                f"{path}: not a regular file ({_file_kind(st.st_mode)}); a checkpoint folder holds only files "
+                "and folders. Remove it, or copy the checkpoint without it.",
+                path=path,
+            )
 
 
 @dataclass(frozen=True)
@@ -61,12 +158,13 @@ class Source:
     """A validated checkpoint: the transformer to convert and, for a pipeline, everything around it.
 
     Attributes:
-        root: The folder the user named.
+        root: The folder the user named (for a Hub repo: its snapshot folder in the Hub cache).
         kind: ``"pipeline"`` (root has model_index.json) or ``"transformer"``.
         model_dir: The folder holding the transformer's config and shards.
         config: The transformer's config.json.
         shards: Every shard's validated header, in load order.
-        origin: Provenance for the manifest (path now; repo id, revision, commit for Hub sources).
+        origin: Provenance for the manifest (path; repo id, revision, commit for Hub sources).
+        files: Where the files are; a Hub source downloads them as they are needed.
     """
 
     root: Path
@@ -75,6 +173,7 @@ class Source:
     config: dict[str, Any]
     shards: tuple[SafetensorsHeader, ...]
     origin: dict[str, Any] = field(default_factory=dict)
+    files: FileSet = field(default_factory=LocalFiles, repr=False, compare=False)
 
     @property
     def class_name(self) -> str:
@@ -95,58 +194,44 @@ class Source:
     def data_bytes(self) -> int:
         return sum(s.data_bytes for s in self.shards)
 
+    def component_only(self) -> Source:
+        """The transformer folder alone, as if it had been named (``convert --subfolder``): nothing
+        else of the pipeline is carried over, or downloaded."""
+        return replace(self, root=self.model_dir, kind="transformer",
+                       origin={**self.origin, "subfolder": self.subfolder} if self.subfolder else self.origin)
+
     def passthrough_files(self) -> list[str]:
         """Files a converted folder carries over unchanged, relative to ``root``.
 
         For a pipeline: every other component and top-level file. Inside the transformer folder:
-        whatever is not a weight file, an index or config.json (a README, say). Symbolic links
-        are followed (a Hugging Face cache snapshot is made of them, and a component may be a
-        link to a folder elsewhere); a broken link, a link loop, or anything that is not a plain
-        file or folder (a FIFO would block the copy forever) is refused, naming it.
+        whatever is not a weight file, an index or config.json (a README, say). Hidden files and
+        manifests of earlier conversions are never carried (see ``LocalFiles.files`` for links).
         """
-        out: list[str] = []
-        self._walk(self.root, (), set(), out)
+        component = self.subfolder
+        out = []
+        for rel in self.files.files(self.root):
+            folder, _, name = rel.rpartition("/")
+            if name == MANIFEST_NAME or (folder == component and _is_weight_or_config(name)):
+                continue
+            if any(part.startswith(".") for part in rel.split("/")):
+                continue
+            out.append(rel)
         return out
 
-    def _walk(self, folder: Path, rel: tuple[str, ...], ancestors: set[tuple[int, int]], out: list[str]) -> None:
-        st = os.stat(folder)
-        key = (st.st_dev, st.st_ino)
-        if key in ancestors:
-            raise UnsupportedSourceError(
-                f"{folder}: a symbolic link loop (the folder contains itself); remove the link.", path=folder
-            )
-        ancestors = ancestors | {key}
-        in_model_dir = folder == self.model_dir
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("."):
-                continue
-            path = folder / name
-            try:
-                st = os.stat(path)  # follows symbolic links
-            except FileNotFoundError as e:
-                raise SourceNotFoundError(
-                    f"{path}: a broken symbolic link (to {os.readlink(path)}); restore its target or remove it.",
-                    path=path,
-                ) from e
-            except OSError as e:
-                raise UnsupportedSourceError(f"{path}: cannot be read ({e.strerror}); fix or remove it.", path=path) from e
-            if stat.S_ISDIR(st.st_mode):
-                self._walk(path, (*rel, name), ancestors, out)
-            elif stat.S_ISREG(st.st_mode):
-                if name == MANIFEST_NAME or (in_model_dir and _is_weight_or_config(name)):
-                    continue
-                out.append("/".join((*rel, name)))
-            else:
-                raise UnsupportedSourceError(
-                    f"{path}: not a regular file ({_file_kind(st.st_mode)}); a checkpoint folder holds only files "
-                    "and folders. Remove it, or copy the checkpoint without it.",
-                    path=path,
-                )
+    def local_file(self, rel: str) -> Path:
+        """The file ``rel`` (relative to ``root``) on this disk; a Hub source downloads it if needed."""
+        return self.files.fetch(self.root / rel)
+
+    def downloading(self, rels: Sequence[str] = (), *, progress: bool = True) -> AbstractContextManager[None]:
+        """While the body runs, fetch in the background what a job will read: the shards, in reading
+        order, then ``rels``. Nothing to do for a local folder."""
+        paths = [shard.path for shard in self.shards] + [self.root / rel for rel in rels]
+        return self.files.downloading(paths, progress=progress)
 
     @contextmanager
     def open_reader(self) -> Iterator[_Reader]:
         """Yield a reader that returns one tensor at a time, keeping shard files open."""
-        reader = _Reader()
+        reader = _Reader(self.files)
         try:
             yield reader
         finally:
@@ -154,13 +239,14 @@ class Source:
 
 
 class _Reader:
-    def __init__(self) -> None:
+    def __init__(self, files: FileSet) -> None:
         self._files: dict[Path, BinaryIO] = {}
+        self._fetch = files.fetch
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         f = self._files.get(info.file)
         if f is None:
-            f = self._files[info.file] = open(info.file, "rb")
+            f = self._files[info.file] = open(self._fetch(info.file), "rb")
         return read_tensor(f, info)
 
     def close(self) -> None:
@@ -192,17 +278,33 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def open_source(
-    src: str | os.PathLike[str], *, subfolder: str | None = None, allow_quantized: bool = False
+    src: str | os.PathLike[str],
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_quantized: bool = False,
+    config: str | os.PathLike[str] | dict[str, Any] | None = None,
 ) -> Source:
-    """Resolve and validate a checkpoint folder.
+    """Resolve and validate a checkpoint folder, or a Hugging Face Hub repo.
 
     Args:
         src: A diffusers pipeline folder (its ``transformer/`` is converted), a transformer
-            folder, or a model's folder in the Hugging Face cache (``models--org--name``, read at
-            the snapshot ``refs/main`` points to) or one of its ``snapshots/<commit>`` folders.
-        subfolder: Convert this folder of ``src`` instead of looking for ``transformer/``.
+            folder, a model's folder in the Hugging Face cache (``models--org--name``, read at
+            the snapshot ``refs/main`` points to) or one of its ``snapshots/<commit>`` folders,
+            or a Hub repo id (``Qwen/Qwen-Image``). A folder that exists wins over a repo id
+            spelled the same.
+        subfolder: The transformer's folder inside ``src`` instead of ``transformer/``.
+        revision: For a repo id: the branch, tag or commit (default ``main``).
+        token: For a repo id: a Hub token (default: ``HF_TOKEN`` or the one ``hf auth login`` saved).
         allow_quantized: Accept an FP8 checkpoint (the loader reads them; the converter refuses
             to quantize twice).
+        config: For a single ``.safetensors`` file (ComfyUI's and BFL's form), which carries no
+            config: the model's ``config.json``, its folder, or the dict.
+
+    A repo is read through the Hub cache (``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``
+    honoured as diffusers honours them): opening it fetches its configs and reads each shard's
+    header remotely; shards are downloaded only when read (``Source.downloading``).
 
     Example:
         >>> source = open_source("./Qwen-Image")  # doctest: +SKIP
@@ -212,14 +314,18 @@ def open_source(
     root = parse_path(src, what="the source")
     if subfolder is not None and not isinstance(subfolder, str):
         raise ConfigError(f"subfolder must be a str such as 'transformer', got {type(subfolder).__name__} {subfolder!r}.")
+    for name, value in (("revision", revision), ("token", token)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{name} must be a non-empty str, got {type(value).__name__} {value!r}.")
     if not root.exists():
-        hint = ""
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
-            hint = (
-                f" Hub repo ids are not read directly yet: run `hf download {src} --local-dir DIR` "
-                "and pass DIR."
-            )
-        raise SourceNotFoundError(f"{root}: no such folder; {_LAYOUT_HINT}.{hint}", path=root)
+        if hub.is_repo_id(str(src)):
+            return _open_repo(str(src), subfolder=subfolder, revision=revision, token=token,
+                              allow_quantized=allow_quantized)
+        raise SourceNotFoundError(f"{root}: no such folder; {_LAYOUT_HINT}, or a Hub repo id (org/name).", path=root)
+    if revision is not None:
+        raise ConfigError(f"{root}: a local folder has no revisions; --revision (revision=) applies to Hub repo ids.")
+    if root.is_file() and root.suffix == ".safetensors":
+        return _single_file(root.resolve(), config, allow_quantized)
     if not root.is_dir():
         if root.suffix in PICKLE_SUFFIXES:
             raise _pickle_error(root)
@@ -229,22 +335,67 @@ def open_source(
     cache = _hf_cache_snapshot(root)
     if cache is not None:
         root, origin = cache
+    return _open(root, origin, LocalFiles(), subfolder=subfolder, allow_quantized=allow_quantized)
 
+
+def _open_repo(repo_id: str, *, subfolder: str | None, revision: str | None, token: str | None,
+               allow_quantized: bool) -> Source:
+    """A Hub repo: planned from its configs and remote headers; messages name the repo, not the cache."""
+    files = hub.open_repo(repo_id, revision=revision, token=token)
+    try:
+        return _open(files.root, files.origin(), files, subfolder=subfolder, allow_quantized=allow_quantized)
+    except OmniFp8Error as e:
+        message = str(e).replace(f"{files.root}/", f"{files.label}: ").replace(str(files.root), files.label)
+        raise type(e)(message, path=e.path) from e
+
+
+def _open(root: Path, origin: dict[str, Any], files: FileSet, *, subfolder: str | None,
+          allow_quantized: bool) -> Source:
     if subfolder:
         model_dir = root / _plain_subfolder(subfolder, root)
-        kind = "pipeline" if (root / MODEL_INDEX_NAME).is_file() else "transformer"
-    elif (root / MODEL_INDEX_NAME).is_file():
+        kind = "pipeline" if files.exists(root / MODEL_INDEX_NAME) else "transformer"
+    elif files.exists(root / MODEL_INDEX_NAME):
         kind, model_dir = "pipeline", _pipeline_transformer_dir(root)
     else:
         kind, model_dir = "transformer", root
-    if not model_dir.is_dir():
+    if not files.is_dir(model_dir):
         raise SourceNotFoundError(f"{model_dir}: no such folder; {_LAYOUT_HINT}.", path=model_dir)
 
-    config = _read_config(model_dir)
-    shards = _find_shards(model_dir)
+    config = _read_config(model_dir, files)
+    shards = _find_shards(model_dir, files)
+    source = Source(root=root, kind=kind, model_dir=model_dir, config=config, shards=shards, origin=origin, files=files)
     if not allow_quantized:
-        _check_not_quantized(model_dir, config, shards)
-    return Source(root=root, kind=kind, model_dir=model_dir, config=config, shards=shards, origin=origin)
+        check_not_quantized(source)
+    return source
+
+
+def _single_file(path: Path, config: Any, allow_quantized: bool) -> Source:
+    """One ``.safetensors`` file, its model config given separately (it carries none)."""
+    if config is None:
+        raise SourceNotFoundError(
+            f"{path}: a single safetensors file carries no model config; pass config= (the model's config.json, "
+            "its folder, or a dict), e.g. the transformer folder of the BF16 release.",
+            path=path,
+        )
+    if isinstance(config, dict):
+        model_config = dict(config)
+        if not isinstance(model_config.get("_class_name"), str):
+            raise ConfigError("config= must name the model class in '_class_name', as a diffusers config.json does.")
+    else:
+        where = parse_path(config, what="config")
+        if where.is_dir():
+            model_config = _read_config(where, LocalFiles())
+        else:
+            model_config = read_json(where, "config")
+            if not isinstance(model_config.get("_class_name"), str):
+                raise CorruptCheckpointError(f"{where}: has no '_class_name'; give a diffusers model config.json.",
+                                             path=where)
+    model_config.pop("quantization_config", None)  # the file's layout says how it is quantized
+    source = Source(root=path.parent, kind="file", model_dir=path.parent, config=model_config,
+                    shards=(read_header(path),), origin={"type": "file", "path": str(path)})
+    if not allow_quantized:
+        check_not_quantized(source)
+    return source
 
 
 def _plain_subfolder(subfolder: str, root: Path) -> str:
@@ -304,11 +455,11 @@ def _pipeline_transformer_dir(root: Path) -> Path:
     return root / TRANSFORMER_COMPONENT
 
 
-def _read_config(model_dir: Path) -> dict[str, Any]:
+def _read_config(model_dir: Path, files: FileSet) -> dict[str, Any]:
     path = model_dir / CONFIG_NAME
-    if not path.is_file():
-        if _pickles(model_dir):
-            raise _pickle_error(model_dir)
+    if not files.exists(path):
+        if _pickles(model_dir, files):
+            raise _pickle_error(model_dir, files)
         raise SourceNotFoundError(f"{path}: config.json not found; {_LAYOUT_HINT}.", path=path)
     config = read_json(path, "config.json")
     if not isinstance(config.get("_class_name"), str) or not config["_class_name"]:
@@ -320,16 +471,16 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     return config
 
 
-def _find_shards(model_dir: Path) -> tuple[SafetensorsHeader, ...]:
+def _find_shards(model_dir: Path, files: FileSet) -> tuple[SafetensorsHeader, ...]:
     index_path = model_dir / INDEX_NAME
-    if index_path.is_file():
-        return _shards_from_index(model_dir, index_path)
+    if files.exists(index_path):
+        return _shards_from_index(model_dir, index_path, files)
     single = model_dir / WEIGHTS_NAME
-    if single.is_file():
-        return (read_header(single),)
-    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if files.exists(single):
+        return (files.header(single),)
+    found = [n for n in files.children(model_dir) if n.endswith(".safetensors") and files.exists(model_dir / n)]
     if len(found) == 1:
-        return (read_header(model_dir / found[0]),)
+        return (files.header(model_dir / found[0]),)
     if found:
         raise CorruptCheckpointError(
             f"{model_dir}: {len(found)} safetensors files ({', '.join(found[:3])}"
@@ -337,14 +488,14 @@ def _find_shards(model_dir: Path) -> tuple[SafetensorsHeader, ...]:
             "restore the index or keep one variant.",
             path=model_dir,
         )
-    if _pickles(model_dir):
-        raise _pickle_error(model_dir)
+    if _pickles(model_dir, files):
+        raise _pickle_error(model_dir, files)
     raise SourceNotFoundError(
         f"{model_dir}: no *.safetensors weights found; {_LAYOUT_HINT}.", path=model_dir
     )
 
 
-def _shards_from_index(model_dir: Path, index_path: Path) -> tuple[SafetensorsHeader, ...]:
+def _shards_from_index(model_dir: Path, index_path: Path, files: FileSet) -> tuple[SafetensorsHeader, ...]:
     index = read_json(index_path, "the shard index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -352,7 +503,7 @@ def _shards_from_index(model_dir: Path, index_path: Path) -> tuple[SafetensorsHe
             f"{index_path}: the index has no 'weight_map'; restore it from the original checkpoint.",
             path=index_path,
         )
-    files: dict[str, list[str]] = {}
+    names_of: dict[str, list[str]] = {}
     for name, filename in weight_map.items():
         if not isinstance(filename, str) or not _is_plain_filename(filename):
             raise CorruptCheckpointError(
@@ -360,17 +511,17 @@ def _shards_from_index(model_dir: Path, index_path: Path) -> tuple[SafetensorsHe
                 "an index may only name files beside it.",
                 path=index_path,
             )
-        files.setdefault(filename, []).append(name)
+        names_of.setdefault(filename, []).append(name)
     shards = []
-    for filename, names in files.items():
+    for filename, names in names_of.items():
         path = model_dir / filename
-        if not path.is_file():
+        if not files.exists(path):
             raise SourceNotFoundError(
                 f"{path}: shard named by {index_path.name} is missing ({len(names)} tensors, e.g. "
                 f"{names[0]!r}); re-download the checkpoint.",
                 path=path,
             )
-        header = read_header(path)
+        header = files.header(path)
         mapped, present = set(names), set(header.tensors)
         if mapped != present:
             missing = sorted(mapped - present)
@@ -388,11 +539,11 @@ def _shards_from_index(model_dir: Path, index_path: Path) -> tuple[SafetensorsHe
     return tuple(shards)
 
 
-def _check_not_quantized(model_dir: Path, config: dict[str, Any], shards: tuple[SafetensorsHeader, ...]) -> None:
-    quantized = "quantization_config" in config or any(
-        t.dtype.startswith("F8_") for s in shards for t in s.tensors.values()
-    )
+def check_not_quantized(source: Source) -> None:
+    """Refuse to quantize twice: a ``quantization_config`` or FP8 tensors mean an FP8 checkpoint."""
+    quantized = "quantization_config" in source.config or any(t.dtype.startswith("F8_") for t in source.tensors)
     if quantized:
+        model_dir = source.model_dir
         raise UnsupportedSourceError(
             f"{model_dir}: this checkpoint is already quantized (quantization_config or FP8 tensors); "
             "convert the original BF16/FP16/FP32 checkpoint instead, or load this one as it is.",
@@ -422,12 +573,12 @@ def _is_weight_or_config(name: str) -> bool:
     )
 
 
-def _pickles(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+def _pickles(folder: Path, files: FileSet) -> list[Path]:
+    return [folder / n for n in files.children(folder) if n.endswith(PICKLE_SUFFIXES)]
 
 
-def _pickle_error(where: Path) -> PickleCheckpointError:
-    found = [where] if where.is_file() else _pickles(where)
+def _pickle_error(where: Path, files: FileSet | None = None) -> PickleCheckpointError:
+    found = [where] if files is None else _pickles(where, files)
     names = ", ".join(p.name for p in found[:3]) + (f" ({len(found) - 3} more)" if len(found) > 3 else "")
     return PickleCheckpointError(
         f"{where}: only pickle checkpoints found ({names}); omni-fp8 never unpickles (it can run "

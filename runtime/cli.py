@@ -34,7 +34,9 @@ def main(debug: bool) -> None:
 
 @main.command(name="text-to-image")
 @click.option("--model", required=True, help="Pipeline folder (BF16 or converted), HF cache folder, or Hub repo id.")
-@click.option("--revision", help="Hub revision (branch, tag or commit), for a repo id.")
+@click.option("--revision", metavar="REV", help="For a Hub repo id: branch, tag or commit (default: main).")
+@click.option("--token", metavar="TOKEN", help="For a Hub repo id: a Hub token (default: HF_TOKEN, or the saved "
+                                               "login).")
 @click.option("--quantization", type=click.Choice(["fp8"]),
               help="Quantize a BF16 transformer to FP8 while loading (a converted folder is FP8 anyway). Without it, "
                    "and without the FP8 options below, a BF16 folder runs in BF16.")
@@ -71,7 +73,7 @@ def main(debug: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; just the output lines.")
 @fail_cleanly
-def text_to_image(model: str, revision: str | None, quantization: str | None, preset: str | None,
+def text_to_image(model: str, revision: str | None, token: str | None, quantization: str | None, preset: str | None,
                   ignored_layers: tuple[str, ...], weight_block_size: str | None, activation_scheme: str, dtype: str,
                   device: str | None, cache_backend: str | None, cache_config: str | None, compile_: bool,
                   enable_cpu_offload: bool, sequential_cpu_offload: bool, group_offload: str | None,
@@ -108,7 +110,7 @@ def text_to_image(model: str, revision: str | None, quantization: str | None, pr
               cache_backend=cache_backend, cache_config=_json_option(cache_config, "--cache-config"),
               compile=compile_, enable_cpu_offload="sequential" if sequential_cpu_offload else enable_cpu_offload,
               group_offload=_group_offload_option(group_offload), parallel=parallel,
-              attention_backend=attention_backend, revision=revision,
+              attention_backend=attention_backend, revision=revision, token=token,
               progress=not (quiet or as_json)) as omni:
         results = omni.generate(list(prompts), params)
         if omni.rank != 0:

@@ -40,7 +40,9 @@ from omni_fp8.converter.errors import (
 from omni_fp8.converter.numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, check_scale, has_fp8_nan, quantize_weight
 from omni_fp8.converter.options import Fp8Config
 from omni_fp8.converter.plan import KEPT, decide_linears, linear_shapes
+from omni_fp8.converter.layouts import read_layout
 from omni_fp8.converter.safetensors_format import TensorInfo, read_header
+from omni_fp8.converter.source import Source
 
 from .fp8_linear import Fp8Linear, replace_linears
 from .fp8_model import Fp8Provenance, mark_fp8, unmark_fp8
@@ -62,6 +64,7 @@ class Fp8Quantizer(DiffusersQuantizer):
         self._folder: Path | None = None
         self._folder_config: dict[str, Any] | None = None
         self._schemes: dict[str, str] = {}
+        self._headers: tuple = ()
         self._provenance: Fp8Provenance | None = None
         self._torch_dtype: torch.dtype | None = None
 
@@ -100,8 +103,9 @@ class Fp8Quantizer(DiffusersQuantizer):
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
         """The checkpoint's headers, read strictly (as the converter does), before any tensor is."""
         files = [Path(f) for f in checkpoint_files or []]
-        for path in files:
-            self._infos.update(read_header(path).tensors)
+        self._headers = tuple(read_header(path) for path in files)
+        for header in self._headers:
+            self._infos.update(header.tensors)
         self._folder = files[0].parent if files else None
         if self.pre_quantized and self._folder is not None and (self._folder / "config.json").is_file():
             with open(self._folder / "config.json", encoding="utf-8") as f:
@@ -109,17 +113,19 @@ class Fp8Quantizer(DiffusersQuantizer):
         return loaded_keys
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from .loader import checkpoint_block_size, checkpoint_provenance, checkpoint_schemes, check_manifest
+        from .loader import check_manifest, checkpoint_provenance
 
         shapes = linear_shapes(model)
         where = self._folder or Path(".")
         if self.pre_quantized:
             folder_config = self._folder_config or self._checkpoint_dict()
-            block = checkpoint_block_size(folder_config, where / "config.json")
+            source = Source(root=where, kind="transformer", model_dir=where,
+                            config={"_class_name": type(model).__name__, "quantization_config": folder_config},
+                            shards=self._headers, origin={"type": "local", "path": str(where)})
+            layout = read_layout(source, shapes)
             manifest = check_manifest(where, where.parent, folder_config) if self._folder else None
-            self._schemes = checkpoint_schemes(shapes, self._infos, block, where)
-            self._provenance = checkpoint_provenance(folder_config, self._schemes, manifest,
-                                                     {"type": "local", "path": str(where)})
+            self._schemes, block = layout.schemes, layout.block_size
+            self._provenance = checkpoint_provenance(folder_config, self._schemes, manifest, source.origin)
         else:
             config = self.quantization_config
             block = config.weight_block_size

@@ -29,6 +29,8 @@ class Fp8Linear(nn.Module):
     Args:
         block_size: ``None`` for one weight scale (``weight_scale``), ``(bn, bk)`` for one per
             block (``weight_scale_inv``).
+        per_channel: One scale per output row (``weight_scale`` ``[out, 1]``), as compressed-tensors,
+            ModelOpt and BFL ``fp8r`` checkpoints store them.
         dtype: dtype of the bias (the compute dtype); the output takes the input's dtype.
         force_fp8_gemm: Refuse to run on a device without FP8 matmuls instead of emulating them.
     """
@@ -40,6 +42,7 @@ class Fp8Linear(nn.Module):
         bias: bool = True,
         *,
         block_size: tuple[int, int] | None = None,
+        per_channel: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         force_fp8_gemm: bool = False,
@@ -48,6 +51,9 @@ class Fp8Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = parse_block_size(block_size) if block_size is not None else None
+        if per_channel and self.block_size is not None:
+            raise ValueError("an Fp8Linear has per-channel or block scales, not both")
+        self.per_channel = per_channel
         self.force_fp8_gemm = force_fp8_gemm
         self._compute_dtype = dtype if dtype is not None and dtype.is_floating_point and dtype != FP8_DTYPE else None
         self._gemm_fn = None
@@ -63,7 +69,8 @@ class Fp8Linear(nn.Module):
             torch.empty(out_features, in_features, dtype=FP8_DTYPE, device=device), requires_grad=False
         )
         if self.block_size is None:
-            self.weight_scale = nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False)
+            shape = (out_features, 1) if per_channel else ()
+            self.weight_scale = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device), requires_grad=False)
         else:
             grid = block_scale_shape((out_features, in_features), self.block_size)
             self.weight_scale_inv = nn.Parameter(torch.ones(grid, dtype=torch.float32, device=device), requires_grad=False)
@@ -71,7 +78,8 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, block_size: tuple[int, int] | None = None, *, force_fp8_gemm: bool = False
+        cls, linear: nn.Linear, block_size: tuple[int, int] | None = None, *, per_channel: bool = False,
+        force_fp8_gemm: bool = False,
     ) -> Fp8Linear:
         """Quantize an existing ``nn.Linear`` with the converter's numerics."""
         layer = cls(
@@ -79,13 +87,18 @@ class Fp8Linear(nn.Module):
             linear.out_features,
             bias=linear.bias is not None,
             block_size=block_size,
+            per_channel=per_channel,
             device="meta",
             dtype=linear.bias.dtype if linear.bias is not None else linear.weight.dtype,
             force_fp8_gemm=force_fp8_gemm,
         )
-        q, scale = quantize_weight(linear.weight.detach(), block_size)
+        q, scale = layer.quantize(linear.weight.detach())
         layer.load_quantized(q, scale, None if linear.bias is None else linear.bias.detach())
         return layer
+
+    def quantize(self, weight: torch.Tensor, *, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+        """``weight`` in this layer's scheme with the shared numerics (a LoRA merge re-quantizes so)."""
+        return quantize_weight(weight, self.block_size, per_channel=self.per_channel, name=name)
 
     def load_quantized(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Adopt already-quantized tensors (same shapes as ``self``'s), e.g. fresh from a shard."""
@@ -102,7 +115,9 @@ class Fp8Linear(nn.Module):
 
     @property
     def scheme(self) -> str:
-        return "fp8_tensor" if self.block_size is None else "fp8_block"
+        if self.block_size is not None:
+            return "fp8_block"
+        return "fp8_channel" if self.per_channel else "fp8_tensor"
 
     @property
     def scale_name(self) -> str:
@@ -222,14 +237,15 @@ def replace_linears(
     """Replace every Linear that ``schemes`` marks for FP8 with an empty (meta) ``Fp8Linear``.
 
     The loaders then fill the new layers tensor by tensor; ``schemes`` maps module name to
-    ``"fp8_tensor"``, ``"fp8_block"`` or ``"kept"`` (the plan's names).
+    ``"fp8_tensor"``, ``"fp8_channel"``, ``"fp8_block"`` or ``"kept"`` (the plan's names).
     """
     for name, scheme in schemes.items():
         if scheme == "kept":
             continue
         linear = model.get_submodule(name)
         layer = Fp8Linear(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, block_size=block_size,
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            block_size=block_size if scheme == "fp8_block" else None, per_channel=scheme == "fp8_channel",
             device="meta", dtype=linear.weight.dtype, force_fp8_gemm=force_fp8_gemm,
         )
         model.set_submodule(name, layer)

@@ -105,8 +105,8 @@ def gemm_scale_layout(scale: torch.Tensor, n: int, block_size: tuple[int, int] |
 
 
 def _weight_scale_for_gemm(scale: torch.Tensor, n: int, block_size: tuple[int, int] | None) -> torch.Tensor:
-    if block_size is None:
-        return scale.reshape(1, 1).expand(1, n).contiguous()  # row-wise: one scale per output
+    if block_size is None:  # row-wise: one scale per output (a per-tensor scale repeated)
+        return scale.reshape(1, -1).expand(1, n).contiguous()
     grid_n, grid_k = scale.shape
     padded_k = -(-grid_k // 4) * 4
     # [ceil(K/128) rounded up to 4, ceil(N/128)], column-major, as cuBLASLt's 128x128 recipe wants.

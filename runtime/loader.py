@@ -18,6 +18,7 @@ Both give the same bits for the same source and options.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,19 +32,19 @@ from omni_fp8.converter.errors import (
     CorruptCheckpointError,
     CorruptScaleError,
     ModelMismatchError,
-    UnsupportedSourceError,
 )
 from omni_fp8.converter.numerics import (
     FP8_DTYPE,
-    block_scale_shape,
     cast_checked,
     check_scale,
     has_fp8_nan,
     quantize_weight,
 )
-from omni_fp8.converter.options import Fp8Config, parse_block_size, parse_dtype
+from omni_fp8.converter.options import Fp8Config, parse_dtype
 from omni_fp8.converter.plan import KEPT, check_tensors_match, decide_linears, empty_model, linear_shapes, make_plan
 from omni_fp8.converter.source import Source, open_source
+
+from omni_fp8.converter.layouts import Layout, read_layout
 
 from .fp8_linear import Fp8Linear, replace_linears
 from .fp8_model import Fp8Provenance, mark_fp8
@@ -58,6 +59,8 @@ def load_transformer(
     pretrained: str | os.PathLike[str],
     *,
     subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     quantization: str | None = None,
     quantization_config: Fp8Config | Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
@@ -65,13 +68,20 @@ def load_transformer(
     force_fp8_kernels: bool = False,
     progress: bool = True,
     torch_dtype: torch.dtype | None = None,
+    config: str | os.PathLike[str] | dict[str, Any] | None = None,
 ) -> nn.Module:
     """Load a diffusers transformer with FP8 weights.
 
     Args:
-        pretrained: A pipeline folder or a transformer folder (high precision or converted).
+        pretrained: A pipeline folder or a transformer folder (high precision, converted, or
+            another tool's FP8: vLLM fp8, compressed-tensors, ModelOpt), a Hugging Face Hub repo id
+            of either (only the transformer's files are downloaded, into the Hub cache diffusers
+            uses, and loading starts while later shards download), or a single FP8
+            ``.safetensors`` file (ComfyUI's, BFL's ``fp8r``) with ``config``.
         subfolder: The transformer's folder inside ``pretrained`` (``"transformer"``); by default
             ``transformer/`` of a pipeline folder, or ``pretrained`` itself.
+        revision: For a repo id: the branch, tag or commit (default ``main``).
+        token: For a repo id: a Hub token (default: ``HF_TOKEN`` or the saved login).
         quantization: ``"fp8"`` quantizes a high-precision checkpoint while loading. A converted
             folder loads as FP8 either way; ``None`` on a high-precision folder loads it as is.
         quantization_config: ``Fp8Config`` or dict (``ignored_layers``, ``weight_block_size``,
@@ -83,6 +93,7 @@ def load_transformer(
         force_fp8_kernels: Fail unless ``device`` has FP8 matmuls, instead of emulating them.
         progress: Show a progress bar.
         torch_dtype: The older diffusers name of ``dtype``.
+        config: For a single file: the model's ``config.json``, its folder, or the dict.
 
     Returns:
         The ordinary diffusers model class, eligible ``nn.Linear`` layers replaced by
@@ -99,12 +110,14 @@ def load_transformer(
     device = _usable_device(device)
     if force_fp8_kernels and not device_has_fp8(device):
         raise no_fp8_gemm_error(device)  # before reading a byte; each layer checks its scheme too
-    source = open_source(pretrained, subfolder=subfolder, allow_quantized=True)
+    source = open_source(pretrained, subfolder=subfolder, revision=revision, token=token, allow_quantized=True,
+                         config=config)
     model = empty_model(source.class_name, source.config)
     folder_config = source.config.get("quantization_config")
     _check_quantization_config(source, folder_config)
-    if folder_config is not None:
-        made = _load_converted(model, source, folder_config, explicit, device, dtype, force_fp8_kernels, progress)
+    layout = read_layout(source, linear_shapes(model))
+    if layout is not None:
+        made = _load_fp8(model, source, layout, explicit, device, dtype, force_fp8_kernels, progress)
     elif quantization is not None or explicit is not None:
         made = _load_quantizing(model, source, explicit or Fp8Config(), device, dtype, force_fp8_kernels, progress)
     else:
@@ -125,7 +138,7 @@ def _check_quantization_config(source: Source, folder_config: Any) -> None:
             "damaged. Restore it from the conversion.",
             path=where,
         )
-    if folder_config is None and any(t.dtype.startswith("F8_") for t in source.tensors):
+    if folder_config is None and source.kind != "file" and any(t.dtype.startswith("F8_") for t in source.tensors):
         raise CorruptCheckpointError(
             f"{where}: the weights include FP8 tensors but config.json has no quantization_config, so their scales "
             "would not be applied; restore config.json from the conversion (omni-convert verify shows what changed).",
@@ -188,54 +201,40 @@ def _load_quantizing(
     return plan.quantization_config(), provenance
 
 
-def _load_converted(
-    model: nn.Module, source: Source, folder_config: Mapping[str, Any], explicit: Fp8Config | None,
+def _load_fp8(
+    model: nn.Module, source: Source, layout: Layout, explicit: Fp8Config | None,
     device: torch.device, dtype: torch.dtype | None, force: bool, progress: bool,
 ) -> tuple[dict[str, Any], Fp8Provenance]:
-    """Memory-map an FP8 folder (ours or any vLLM-style one) into ``Fp8Linear`` modules."""
-    block = checkpoint_block_size(folder_config, source.model_dir / "config.json")
-    manifest = check_manifest(source.model_dir, source.root, folder_config)
+    """Memory-map an FP8 checkpoint (ours or another tool's, see ``layouts``) into ``Fp8Linear`` modules."""
+    folder_config = source.config.get("quantization_config")
+    manifest = check_manifest(source.model_dir, source.root, folder_config) if layout.name == "fp8" else None
     infos = {t.name: t for t in source.tensors}
-    shapes = linear_shapes(model)
-    schemes = checkpoint_schemes(shapes, infos, block, source.model_dir)
+    schemes = layout.schemes
     if explicit is not None:
-        _check_agrees(explicit, schemes, block, model, source)
-    replace_linears(model, schemes, block, force_fp8_gemm=force)
+        _check_agrees(explicit, schemes, layout.block_size, model, source)
+    replace_linears(model, schemes, layout.block_size, force_fp8_gemm=force)
+    for note in layout.notes:
+        warnings.warn(f"{source.shards[0].path}: {note}.", stacklevel=3)
 
-    def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def place(stored: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         # Checked on the mapped bytes, before they are copied anywhere (see the README's Safety).
-        where = str(infos[name].file)
-        if name.endswith(("weight_scale", "weight_scale_inv")):
-            check_scale(tensor, name=name, where=where)
-            yield name, _owned(tensor.reshape(()) if name.endswith("weight_scale") else tensor, device, None)
-        elif tensor.dtype == FP8_DTYPE:
-            owned = _owned(tensor, device, None)
-            codes.check(owned, name=name, where=where)
-            yield name, owned
-        else:
-            yield name, _owned(tensor, device, dtype if tensor.is_floating_point() else None, name=name)
+        where = str(infos[stored].file)
+        for name, part in layout.translate(stored, tensor):
+            if name.endswith(("weight_scale", "weight_scale_inv")):
+                check_scale(part, name=name, where=where)
+                yield name, _owned(part, device, None)
+            elif part.dtype == FP8_DTYPE:
+                owned = _owned(part, device, None)
+                codes.check(owned, name=name, where=where)
+                yield name, owned
+            else:
+                yield name, _owned(part, device, dtype if part.is_floating_point() else None, name=name)
 
     codes = _NanCodes()
     _stream(model, source, place, progress)
     codes.finish()
-    return dict(folder_config), checkpoint_provenance(folder_config, schemes, manifest, source.origin)
-
-
-def checkpoint_block_size(folder_config: Mapping[str, Any], where: Any) -> tuple[int, int] | None:
-    """The weight block size of an fp8 checkpoint's ``quantization_config``, refusing what we cannot load."""
-    if folder_config.get("quant_method") != "fp8":
-        raise UnsupportedSourceError(
-            f"{where}: quantized with {folder_config.get('quant_method')!r}, not fp8; omni-fp8 loads fp8 checkpoints.",
-            path=where,
-        )
-    if folder_config.get("activation_scheme", "dynamic") != "dynamic":
-        raise UnsupportedSourceError(
-            f"{where}: activation_scheme {folder_config.get('activation_scheme')!r} (static input scales) "
-            "is not supported; convert with dynamic activations.",
-            path=where,
-        )
-    raw_block = folder_config.get("weight_block_size")
-    return parse_block_size(raw_block) if raw_block else None
+    saved = dict(folder_config) if layout.name == "fp8" else layout.checkpoint_config()
+    return saved, checkpoint_provenance(saved, schemes, manifest, {**source.origin, "layout": layout.name})
 
 
 def checkpoint_provenance(
@@ -315,42 +314,6 @@ def check_manifest(model_dir: Path, root: Path, folder_config: Mapping[str, Any]
     return None
 
 
-def checkpoint_schemes(
-    shapes: Mapping[str, tuple[int, int]], infos: Mapping[str, Any], block: tuple[int, int] | None, model_dir: Path
-) -> dict[str, str]:
-    """Which Linears an FP8 checkpoint holds in FP8 (its weights say so), checking each one's scale."""
-    schemes = {}
-    for module, (n, k) in shapes.items():
-        weight = infos.get(f"{module}.weight")
-        if weight is None or weight.dtype != "F8_E4M3":
-            schemes[module] = KEPT
-            continue
-        scale_name, want = (
-            (f"{module}.weight_scale", ()) if block is None else (f"{module}.weight_scale_inv", block_scale_shape((n, k), block))
-        )
-        scale = infos.get(scale_name)
-        if scale is None:
-            other = f"{module}.weight_scale_inv" if block is None else f"{module}.weight_scale"
-            hint = (
-                f" (it has {other.rsplit('.', 1)[1]}: config.json's weight_block_size does not match the shards)"
-                if other in infos
-                else ""
-            )
-            raise ModelMismatchError(
-                f"{model_dir}: {module}.weight is FP8 but {scale_name} is missing{hint}; the checkpoint "
-                "is incomplete or damaged, convert it again.",
-                path=model_dir,
-            )
-        if scale.dtype != "F32" or tuple(scale.shape) not in (want, (1,) if want == () else want):
-            raise ModelMismatchError(
-                f"{scale.file}: {scale_name} is {scale.dtype}{list(scale.shape)}, expected F32{list(want)} for a "
-                f"[{n}, {k}] weight; the checkpoint is damaged or was written with other block sizes.",
-                path=scale.file,
-            )
-        schemes[module] = "fp8_tensor" if block is None else "fp8_block"
-    return schemes
-
-
 def _check_agrees(
     explicit: Fp8Config, schemes: Mapping[str, str], block: tuple[int, int] | None, model: nn.Module, source: Source
 ) -> None:
@@ -373,16 +336,15 @@ def _check_agrees(
 
 
 def check_converted_config(source: Source, explicit: Fp8Config) -> None:
-    """Refuse ``explicit`` unless it describes how the converted folder ``source`` was made.
+    """Refuse ``explicit`` unless it describes how the FP8 checkpoint ``source`` was made.
 
     For loaders that hand the folder to diffusers (which would silently keep the folder's own
     config): the same check ``load_transformer`` makes, from the headers alone.
     """
-    folder_config = source.config["quantization_config"]
-    block = checkpoint_block_size(folder_config, source.model_dir / "config.json")
     model = empty_model(source.class_name, source.config)
-    schemes = checkpoint_schemes(linear_shapes(model), {t.name: t for t in source.tensors}, block, source.model_dir)
-    _check_agrees(explicit, schemes, block, model, source)
+    layout = read_layout(source, linear_shapes(model))
+    if layout is not None:
+        _check_agrees(explicit, layout.schemes, layout.block_size, model, source)
 
 
 def _load_plain(
@@ -403,7 +365,8 @@ def _stream(
     progress: bool,
 ) -> None:
     """Map each checkpoint tensor in file order, turn it into model tensors, put them in place."""
-    with source.open_reader() as reader, _bar(source.data_bytes, progress) as bar:
+    with (source.downloading(progress=progress), source.open_reader() as reader,
+          _bar(source.data_bytes, progress) as bar):
         for info in source.tensors:
             for name, tensor in place(info.name, reader.read(info)):
                 _assign(model, name, tensor)

@@ -21,7 +21,6 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 from omni_fp8.converter.errors import ConfigError
-from omni_fp8.converter.numerics import quantize_weight
 
 from .fp8_linear import Fp8Linear
 
@@ -63,7 +62,7 @@ class Fp8LoraLinear(LoraLinear):
             self.merged_adapters.append(name)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs detected in the merged weights; the adapter(s) {adapter_names} seem broken.")
-        q, scale = quantize_weight(weight, base.block_size, name="the merged LoRA weight")
+        q, scale = base.quantize(weight, name="the merged LoRA weight")
         base.set_quantized_(q, scale)
         if bias is not None:
             base.bias.data.copy_(bias.to(base.bias.dtype))

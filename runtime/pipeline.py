@@ -157,7 +157,8 @@ class Omni:
             GPUs, one process each (``torchrun --nproc-per-node N``).
         attention_backend: diffusers' attention backend (``set_attention_backend``: ``"native"``,
             ``"_native_cudnn"``, ``"flash"``, ...); ring attention picks ``"_native_cudnn"`` by default.
-        revision: Hub revision, for a repo id.
+        revision: For a repo id: the branch, tag or commit (default ``main``).
+        token: For a repo id: a Hub token (default: ``HF_TOKEN`` or the saved login).
         progress: Progress bars while loading and over the denoising steps.
     """
 
@@ -177,6 +178,7 @@ class Omni:
         parallel: Mapping[str, Any] | None = None,
         attention_backend: str | None = None,
         revision: str | None = None,
+        token: str | None = None,
         progress: bool = True,
     ) -> None:
         started = time.perf_counter()
@@ -206,10 +208,11 @@ class Omni:
         if attention_backend is not None and not isinstance(attention_backend, str):
             raise ConfigError(f"attention_backend must be a diffusers backend name such as 'native', got "
                               f"{attention_backend!r}.")
-        if revision is not None and not isinstance(revision, str):
-            raise ConfigError(f"revision must be a branch, tag or commit, got {revision!r}.")
+        for name, value in (("revision", revision), ("token", token)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {type(value).__name__}.")
 
-        source = _resolve(model, revision)
+        source = _resolve(model, revision, token)
         self._source = source
         self._model_name = str(model)
         class_name = source.class_name
@@ -244,14 +247,6 @@ class Omni:
             raise UnsupportedSourceError(f"{source.root}: {type(pipe).__name__} is not a text-to-image pipeline with a "
                                          "transformer; Omni runs those.", path=source.root)
         transformer = pipe.transformer
-        if offload == "model":
-            pipe.enable_model_cpu_offload(device=self._device)
-        elif offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=self._device)
-        elif group is not None:
-            pipe.enable_group_offload(onload_device=self._device, **group)
-        else:
-            pipe.to(self._device)
         if compile and cache_backend is not None:
             _compile_block_forwards(transformer)  # before any hook: the hooks then wrap compiled blocks
         if backend is not None:
@@ -267,6 +262,16 @@ class Omni:
                                            cp_plan=parallel_mod.cp_plan(transformer))
             if self._parallel["ring_degree"] > 1:
                 parallel_mod.guard_ring_masks(transformer)
+        # Offloading last, so its hooks are outermost: a block is on the device before a cache's
+        # hook reads its weights (TeaCache's indicator runs the first block's modulation).
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=self._device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self._device)
+        elif group is not None:
+            pipe.enable_group_offload(onload_device=self._device, **group)
+        else:
+            pipe.to(self._device)
         if compile and cache_backend is None:
             transformer.compile_repeated_blocks(fullgraph=True)
         self._compile = compile
@@ -424,17 +429,17 @@ class Omni:
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _resolve(model: Any, revision: str | None) -> Any:
+def _resolve(model: Any, revision: str | None, token: str | None) -> Any:
     """The pipeline folder to load: the given one, or diffusers' download of a repo id."""
     from omni_fp8.converter.options import parse_path
     from omni_fp8.converter.source import open_source
 
     path = parse_path(model, what="model")
     if path.exists():
-        if revision is not None:
-            raise ConfigError(f"revision={revision!r} applies to Hub repo ids; {path} is a local folder.")
+        if revision is not None or token is not None:
+            raise ConfigError(f"revision and token apply to Hub repo ids; {path} is a local folder.")
     elif _REPO_ID.fullmatch(str(model)) and not str(model).startswith((".", "/", "~")):
-        path = Path(_download(str(model), revision))
+        path = Path(_download(str(model), revision, token))
     else:
         raise SourceNotFoundError(f"{path}: no such folder, and not a Hub repo id (org/name); give a diffusers "
                                   "pipeline folder or a repo id.", path=path)
@@ -446,12 +451,12 @@ def _resolve(model: Any, revision: str | None) -> Any:
     return source
 
 
-def _download(repo_id: str, revision: str | None) -> str:
+def _download(repo_id: str, revision: str | None, token: str | None) -> str:
     """diffusers' own download of a pipeline repo (the files ``from_pretrained`` would fetch)."""
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.download(repo_id, revision=revision)
+        return DiffusionPipeline.download(repo_id, revision=revision, token=token)
     except Exception as e:  # network, auth, gated, missing: one line naming the repo
         raise SourceNotFoundError(f"{repo_id}: could not download it ({type(e).__name__}: "
                                   f"{' '.join(str(e).split())[:300]}); check the repo id, your network and token, "

@@ -33,7 +33,8 @@ if HAVE_TRITON:
     @triton.jit
     def _fp8_weight_gemv(
         x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_s, stride_y,
-        HAS_BIAS: tl.constexpr, BLOCKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCKED: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SCALE_BN: tl.constexpr, SCALE_BK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -50,7 +51,9 @@ if HAVE_TRITON:
                 acc += part * tl.load(s_ptr + (pid * BLOCK_N // SCALE_BN) * stride_s + k0 // SCALE_BK)
             else:
                 acc += part
-        if not BLOCKED:
+        if PER_ROW:
+            acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        elif not BLOCKED:
             acc = acc * tl.load(s_ptr)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -129,7 +132,8 @@ def fp8_weight_gemv(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
     block_size: tuple[int, int] | None,
 ) -> torch.Tensor:
-    """``x @ (q * s).T + b`` for at most 16 BF16 rows, reading the FP8 weight once.
+    """``x @ (q * s).T + b`` for at most 16 BF16 rows, reading the FP8 weight once (``s``: a
+    per-tensor scale, one per row ``[N, 1]``, or a block grid).
 
     With a handful of rows (the AdaLN modulation Linears: one per image in the batch) a Linear
     only streams its weight: reading it as FP8 halves the bytes, and keeping the activations in
@@ -144,7 +148,8 @@ def fp8_weight_gemv(
     _fp8_weight_gemv[(triton.cdiv(n, _GEMV_BLOCK_N),)](
         x, weight, scale, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0),
         scale.stride(0) if blocked else 0, y.stride(0),
-        HAS_BIAS=bias is not None, BLOCKED=blocked, BLOCK_M=GEMV_MAX_ROWS, BLOCK_N=_GEMV_BLOCK_N,
+        HAS_BIAS=bias is not None, BLOCKED=blocked, PER_ROW=not blocked and scale.numel() > 1,
+        BLOCK_M=GEMV_MAX_ROWS, BLOCK_N=_GEMV_BLOCK_N,
         BLOCK_K=_GEMV_BLOCK_K, SCALE_BN=block_size[0] if blocked else 1, SCALE_BK=block_size[1] if blocked else 1,
         num_warps=4, num_stages=4,
     )

@@ -50,12 +50,16 @@ def test_triton_activation_quantization_is_bit_exact(m, k, group):
 
 
 @needs_fp8
-@pytest.mark.parametrize("block", [None, (128, 128)])
+@pytest.mark.parametrize("block", [None, (128, 128), "channel"])
 @pytest.mark.parametrize("m", [1, 16, 1000])
 def test_fp8_gemm_matches_the_emulation(block, m):
     torch.manual_seed(0)
     linear = nn.Linear(1024, 768).to(torch.bfloat16)
-    layer = Fp8Linear.from_linear(linear, block_size=block).cuda()
+    if block == "channel":
+        layer = Fp8Linear.from_linear(linear, per_channel=True).cuda()
+        block = None
+    else:
+        layer = Fp8Linear.from_linear(linear, block_size=block).cuda()
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     if block is not None and layer._gemm_fn is None:
         pytest.skip("no block-scaled FP8 GEMM on this GPU")
@@ -72,7 +76,7 @@ def test_fp8_gemm_matches_the_emulation(block, m):
 
 
 @pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize("block", [None, (128, 128)])
+@pytest.mark.parametrize("block", [None, (128, 128), "channel"])
 @pytest.mark.parametrize("n,k", [(18432, 3072), (256, 1000), (320, 384)])
 def test_fp8_weight_gemv_matches_the_weight_only_reference(m, block, n, k):
     from omni_fp8.converter.numerics import dequantize_weight, quantize_weight
@@ -81,7 +85,9 @@ def test_fp8_weight_gemv_matches_the_weight_only_reference(m, block, n, k):
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     torch.manual_seed(m + n)
-    q, s = quantize_weight(torch.randn(n, k, device="cuda") * 0.02, block)
+    per_row = block == "channel"
+    block = None if per_row else block
+    q, s = quantize_weight(torch.randn(n, k, device="cuda") * 0.02, block, per_channel=per_row)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     y = fp8_weight_gemv(x, q, s, bias, block)

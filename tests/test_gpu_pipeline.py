@@ -91,10 +91,14 @@ def test_compiled_pipelines_match_eager(arch, cache, pipeline_folder, emulated):
 @pytest.mark.parametrize("kwargs", [{"enable_cpu_offload": True}, {"enable_cpu_offload": "sequential"},
                                     {"group_offload": True}, {"group_offload": {"offload_type": "leaf_level",
                                                                                 "use_stream": True}}])
-def test_offloaded_pipelines_on_the_gpu(qwen_pipeline, kwargs, emulated):
-    expected = Omni(qwen_pipeline, quantization="fp8", device="cuda", progress=False).generate(
-        PROMPT, params("qwen-image"))[0]
-    omni = Omni(qwen_pipeline, quantization="fp8", device="cuda", progress=False, **kwargs)
+@pytest.mark.parametrize("cache", [None, "tea_cache"])
+def test_offloaded_pipelines_on_the_gpu(qwen_pipeline, kwargs, cache, emulated):
+    # With a cache, the offload hooks must bring a block to the GPU before the cache's hook reads
+    # its weights (TeaCache runs the first block's modulation): Omni puts them outermost.
+    common = {"quantization": "fp8", "device": "cuda", "progress": False, "cache_backend": cache,
+              "cache_config": {"rel_l1_thresh": 0.5} if cache else None}
+    expected = Omni(qwen_pipeline, **common).generate(PROMPT, params("qwen-image"))[0]
+    omni = Omni(qwen_pipeline, **common, **kwargs)
     for _ in range(2):
         assert np.abs(image(omni.generate(PROMPT, params("qwen-image"))[0]) - image(expected)).max() <= 1
     assert emulated["n"] == 0

@@ -171,7 +171,7 @@ def test_mag_cache_defaults_are_qwen_images_calibrated_ratios(qwen_pipeline):
     ({"parallel": {"ulyses_degree": 2}}, ConfigError, "unknown parallel option(s) 'ulyses_degree'"),
     ({"parallel": {"ulysses_degree": 1}}, ConfigError, "above 1"),
     ({"parallel": {"ulysses_degree": 2}, "compile": True}, ConfigError, "compile does not combine with parallel"),
-    ({"revision": "main"}, ConfigError, "applies to Hub repo ids"),
+    ({"revision": "main"}, ConfigError, "apply to Hub repo ids"),
     ({"device": "cuda:7"}, ConfigError, "device 'cuda:7'"),
     ({"attention_backend": "no-such"}, ConfigError, "attention_backend 'no-such'"),
 ])
@@ -270,7 +270,8 @@ def test_hub_repo_ids_are_downloaded_by_diffusers(monkeypatch, qwen_pipeline):
     monkeypatch.setattr(DiffusionPipeline, "download",
                         classmethod(lambda cls, repo, **kw: asked.append((repo, kw)) or str(qwen_pipeline)))
     omni = Omni("Qwen/Qwen-Image", revision="main", dtype="fp32", progress=False)
-    assert asked == [("Qwen/Qwen-Image", {"revision": "main"})] and omni.info()["folder"] == str(qwen_pipeline)
+    assert asked == [("Qwen/Qwen-Image", {"revision": "main", "token": None})]
+    assert omni.info()["folder"] == str(qwen_pipeline)
 
     def offline(cls, repo, **kw):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
@@ -298,6 +299,20 @@ def test_offloaded_pipelines_give_the_same_images(qwen_pipeline, fp8_reference, 
     assert omni.info()["offload"] == ("model" if "enable_cpu_offload" in kwargs else "group")
     for _ in range(2):
         assert np.array_equal(pixels(omni.generate(PROMPT, params("qwen-image"))[0]), pixels(fp8_reference))
+
+
+def test_offload_hooks_wrap_the_cache_hooks(qwen_pipeline):
+    """Block-level group offloading onloads a block in its hook: that hook must run before TeaCache's,
+    which reads the first block's modulation weights (on a GPU they would still be on the CPU)."""
+    expected = Omni(qwen_pipeline, quantization="fp8", dtype="fp32", cache_backend="tea_cache",
+                    progress=False).generate(PROMPT, params("qwen-image"))[0]
+    omni = Omni(qwen_pipeline, quantization="fp8", dtype="fp32", cache_backend="tea_cache", group_offload=True,
+                progress=False)
+    order = omni.pipeline.transformer.transformer_blocks[0]._diffusers_hook._hook_order
+    assert order.index("omni_fp8_teacache_leader") < order.index("group_offloading")  # later = outer
+    out = omni.generate(PROMPT, params("qwen-image"))[0]
+    assert np.array_equal(pixels(out), pixels(expected))
+    assert out.timings.steps_skipped == expected.timings.steps_skipped
 
 
 @pytest.mark.parametrize("backend", ["tea_cache", "first_block_cache", "mag_cache"])

@@ -114,3 +114,12 @@ def test_pickle_named_safetensors_is_refused_without_unpickling(tmp_path):
     torch.save({"w": torch.ones(2)}, path)  # a zip archive holding a pickle
     with pytest.raises(PickleCheckpointError, match="pickle .* never unpickles"):
         read_header(path)
+
+
+@pytest.mark.parametrize("header_len", [0x0280, 0x0380, 0x0480, 0x0580])
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path, header_len):
+    """640 bytes of header is ``80 02 00 ...`` on disk: a pickle's magic, followed by JSON, not opcodes."""
+    table = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", header_len) + table.ljust(header_len) + b"\0" * 8)
+    assert list(read_header(path).tensors) == ["w"]

@@ -46,9 +46,11 @@ def test_missing_folder(tmp_path):
         open_source(tmp_path / "nope")
 
 
-def test_hub_id_that_is_not_a_folder_says_how_to_download():
-    with pytest.raises(SourceNotFoundError, match=r"hf download Qwen/Qwen-Image --local-dir DIR"):
-        open_source("Qwen/Qwen-Image")
+@pytest.mark.parametrize("text", ["nope", "./Qwen/Qwen-Image", "a/b/c", "org/na me", "org/-name"])
+def test_neither_a_folder_nor_a_repo_id(text):
+    """Only ``org/name`` goes to the Hub (tests/test_hub.py); anything else is a missing folder, offline."""
+    with pytest.raises(SourceNotFoundError, match=r"no such folder; give a diffusers pipeline folder"):
+        open_source(text)
 
 
 def test_folder_without_config(tmp_path):

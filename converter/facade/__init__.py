@@ -19,6 +19,7 @@ from omni_fp8.converter import (
     convert,
     make_plan,
     open_source,
+    push,
     read_manifest,
     verify,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "Plan",
     "read_manifest",
     "verify",
+    "push",
     "OmniFp8Error",
     "errors",
     "__version__",
