@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_speed import build, inputs, output  # noqa: E402
+from step_speed import build, counting_emulation, inputs, output  # noqa: E402
 
 WARMUP = 2  # steps before timing (the first moves the model for "model"; kernels and caches warm up)
 MODES = ["gpu", "model", "sequential", "group-block", "group-block-stream", "group-leaf", "group-leaf-stream"]
@@ -54,7 +54,6 @@ def apply(model, mode: str) -> None:
 
 def measure(name: str, blocks: int, fp8: bool, mode: str, repeat: int) -> dict:
     from omni_fp8 import quantize_
-    from omni_fp8.runtime import kernels
 
     model = build(name, blocks)  # seeded: the same weights every time
     if fp8:
@@ -63,15 +62,7 @@ def measure(name: str, blocks: int, fp8: bool, mode: str, repeat: int) -> dict:
     model.to("cpu")
     gc.collect()
     torch.cuda.empty_cache()
-    emulated = {"n": 0}
-    real = kernels._emulated
-
-    def counting(*a, **k):
-        emulated["n"] += 1
-        return real(*a, **k)
-
-    kernels._emulated = counting
-    try:
+    with counting_emulation() as emulated:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()  # the inputs only: the model is on the CPU
         apply(model, mode)
@@ -84,8 +75,6 @@ def measure(name: str, blocks: int, fp8: bool, mode: str, repeat: int) -> dict:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() - base
-    finally:
-        kernels._emulated = real
     result = {"first_ms": times[0] * 1e3, "step_ms": statistics.median(times[WARMUP:]) * 1e3,
               "peak_gib": peak / 2**30, "emulated_calls": emulated["n"], "out": out.float().cpu()}
     del model, out

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_pipeline import DEPTH, save_real_width_pipeline  # noqa: E402
+from step_speed import counting_emulation  # noqa: E402
 
 PROMPT = "A cat sitting on a windowsill, soft morning light"
 DEFAULTS = {  # the models' usual sampling: Qwen-Image with true CFG, Z-Image-Turbo without CFG
@@ -52,17 +53,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(folder: Path, name: str, options: dict, sampling: dict, repeat: int, compile_: bool, device: str) -> dict:
     from omni_fp8 import Omni, OmniDiffusionSamplingParams
-    from omni_fp8.runtime import kernels
 
-    emulated = {"calls": 0}
-    real_emulated = kernels._emulated
-
-    def counting(*args, **kwargs):
-        emulated["calls"] += 1
-        return real_emulated(*args, **kwargs)
-
-    kernels._emulated = counting
-    try:
+    with counting_emulation() as emulated:
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -70,8 +62,6 @@ def run(folder: Path, name: str, options: dict, sampling: dict, repeat: int, com
         params = OmniDiffusionSamplingParams(**sampling)
         omni.generate(PROMPT, params)  # warm-up (and compilation)
         outputs = [omni.generate(PROMPT, params)[0] for _ in range(repeat)]
-    finally:
-        kernels._emulated = real_emulated
     timings = [o.timings for o in outputs]
     result = {
         "variant": name + (" compiled" if compile_ else ""),
@@ -84,7 +74,7 @@ def run(folder: Path, name: str, options: dict, sampling: dict, repeat: int, com
         "total_s": statistics.median(t.total_s for t in timings),
         "load_s": omni.load_s,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        "emulated_fp8_calls": emulated["calls"],
+        "emulated_fp8_calls": emulated["n"],
         "image": np.asarray(outputs[0].images[0]),
     }
     del omni

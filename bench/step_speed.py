@@ -22,12 +22,14 @@ Timings: CUDA events, warm-up first, median of ``--repeat``. Ratios within one r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -75,6 +77,26 @@ def build(name: str, blocks: int | None, seed: int = 0) -> nn.Module:
         module_name, _, attr = pname.rpartition(".")
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(t, requires_grad=False)
     return model.to("cuda").eval()
+
+
+@contextlib.contextmanager
+def counting_emulation() -> Iterator[dict]:
+    """Count the FP8 Linear calls that fall back to the float32 emulation instead of an FP8 GEMM
+    (``counts["n"]``; 0 on a GPU with FP8 tensor cores, whatever moved the weights)."""
+    from omni_fp8.runtime import kernels
+
+    counts = {"n": 0}
+    real = kernels._emulated
+
+    def counting(*args, **kwargs):
+        counts["n"] += 1
+        return real(*args, **kwargs)
+
+    kernels._emulated = counting
+    try:
+        yield counts
+    finally:
+        kernels._emulated = real
 
 
 def inputs(name: str, model: nn.Module, height: int, width: int, txt: int,

@@ -276,7 +276,6 @@ class Omni:
             transformer.compile_repeated_blocks(fullgraph=True)
         self._compile = compile
         self._offload = offload or ("group" if group is not None else None)
-        self._progress = progress
         pipe.set_progress_bar_config(disable=not progress or self._rank != 0, leave=False)
         self.load_s = time.perf_counter() - started
 
