@@ -21,6 +21,7 @@ not a trained model's; the times are what the real widths cost per block.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -56,8 +57,12 @@ def run(folder: Path, name: str, options: dict, sampling: dict, repeat: int, com
 
     with counting_emulation() as emulated:
         cuda = device.startswith("cuda")
+        base = 0
         if cuda:
+            gc.collect()  # the previous variant's pipeline, before this one's peak is counted
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
         omni = Omni(folder, device=device, compile=compile_, progress=False, **options)
         params = OmniDiffusionSamplingParams(**sampling)
         omni.generate(PROMPT, params)  # warm-up (and compilation)
@@ -73,7 +78,7 @@ def run(folder: Path, name: str, options: dict, sampling: dict, repeat: int, com
         "transformer_calls_skipped": timings[0].transformer_calls_skipped,
         "total_s": statistics.median(t.total_s for t in timings),
         "load_s": omni.load_s,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan"),
         "emulated_fp8_calls": emulated["n"],
         "image": np.asarray(outputs[0].images[0]),
     }

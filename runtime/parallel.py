@@ -137,6 +137,27 @@ def guard_ring_masks(transformer: nn.Module) -> None:
     blocks[0].register_forward_pre_hook(check, with_kwargs=True)
 
 
+def contiguous_block_inputs(transformer: nn.Module) -> None:
+    """Make each block's split inputs contiguous before attention sees them.
+
+    The context-parallel split hands a block slices along the sequence (``[B, S/N]`` masks are
+    views with a stride), and diffusers 0.42.1's Ulysses attention all-gathers the attention mask
+    as it arrives, which NCCL refuses for a non-contiguous tensor (seen on 2 H200s with Z-Image's
+    CFG batch). Registered before ``enable_parallelism``, this hook is inside the split hook, so it
+    sees the slices.
+    """
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class _Contiguous(ModelHook):
+        def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+            fix = lambda v: v.contiguous() if torch.is_tensor(v) and not v.is_contiguous() else v  # noqa: E731
+            return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
+
+    blocks = next(getattr(transformer, n) for n in ("transformer_blocks", "layers") if hasattr(transformer, n))
+    for block in blocks:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_Contiguous(), "omni_fp8_contiguous_inputs")
+
+
 def cp_plan(transformer: nn.Module) -> dict[str, Any] | None:
     """The plan ``enable_parallelism`` needs: the model's own, or ours for Z-Image; None is refused."""
     if getattr(transformer, "_cp_plan", None) is not None:
