@@ -10,8 +10,9 @@ once with ``omni-convert`` (untimed), then loads it three ways, each in a fresh 
   with the FP8 quantizer (``quantization_config=Fp8Config(preset="none")`` / the converted folder)
 
 and prints the load time (inside the process, imports excluded, checkpoint warm in the page
-cache), the peak RSS of the process (``/usr/bin/time``) and, with ``--device cuda``, the peak GPU
-memory allocated.
+cache), the peak RSS of the process (``/usr/bin/time``; every page of the loaded model touched, so
+a model left as lazy views of its files counts as it will once used) and, with ``--device cuda``,
+the peak GPU memory allocated.
 
     python bench/load_memory.py --blocks 8                  # CPU
     python bench/load_memory.py --blocks 8 --device cuda    # GPU: also GPU peak memory
@@ -52,6 +53,11 @@ else:
 if device == "cuda":
     torch.cuda.synchronize()
 seconds = time.perf_counter() - start
+# Touch one byte of every page of every tensor: diffusers may leave weights as lazy views of the
+# files (accelerate installed), and RSS should count the model as it is once used.
+for t in model.state_dict().values():
+    if t.device.type == "cpu" and t.numel():
+        t.reshape(-1).view(torch.uint8)[::4096].sum()
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 gpu_peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
 print("RESULT " + json.dumps({"seconds": seconds, "weight_bytes": weights, "gpu_peak": gpu_peak}))
