@@ -217,7 +217,7 @@ def time_linears(shapes: Counter, repeat: int) -> dict:
         row["fp8_tensor"] = median_ms(lambda: kernels._rowwise_mm(xq, xs, wq, ws, None), 5, repeat, inner=20)
         if block_mm is not None and n % 128 == 0 and k % 128 == 0:
             xqb, xsb = kernels._quantize_for_gemm(x, 128)
-            wsb = kernels._weight_scale_for_gemm(torch.ones(n // 128, k // 128, device="cuda"), n, kernels.CUBLAS_BLOCK)
+            wsb = kernels.gemm_scale_layout(torch.ones(n // 128, k // 128, device="cuda"), n, kernels.CUBLAS_BLOCK)
             row["fp8_block"] = median_ms(lambda: kernels._blockwise_mm(xqb, xsb, wq, wsb, None), 5, repeat, inner=20)
         else:
             row["fp8_block"] = row["fp8_tensor"]

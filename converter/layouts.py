@@ -138,13 +138,12 @@ def read_layout(source: Source, shapes: Mapping[str, tuple[int, int]]) -> Layout
 
 
 def _schemes(infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, int]], where: Path,
-             block: tuple[int, int] | None, *, renamed: Mapping[str, str] | None = None,
+             block: tuple[int, int] | None, *,
              block_scale: str = "weight_scale_inv", scale_dtypes: tuple[str, ...] = ("F32",)) -> dict[str, str]:
     """Each Linear's scheme from its stored weight and scale (by the model's names)."""
-    by_model = {(renamed or {}).get(n, n): info for n, info in infos.items()}
     schemes = {}
     for module, (n, k) in shapes.items():
-        weight = by_model.get(f"{module}.weight")
+        weight = infos.get(f"{module}.weight")
         if weight is None or weight.dtype != "F8_E4M3":
             schemes[module] = KEPT
             continue
@@ -152,11 +151,11 @@ def _schemes(infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, in
             name, want = f"{module}.{block_scale}", (block_scale_shape((n, k), block),)
         else:
             name, want = f"{module}.weight_scale", ((), (1,), (n,), (n, 1))
-        scale = by_model.get(name)
+        scale = infos.get(name)
         if scale is None:
             other = f"{module}.weight_scale_inv" if name.endswith("weight_scale") else f"{module}.weight_scale"
             hint = (f" (it has {other.rsplit('.', 1)[1]}: config.json's weight_block_size does not match the shards)"
-                    if other in by_model else "")
+                    if other in infos else "")
             raise ModelMismatchError(
                 f"{where}: {module}.weight is FP8 but {name} is missing{hint}; the checkpoint is incomplete or damaged, "
                 "convert it again.", path=where)
@@ -277,7 +276,7 @@ def _comfyui(infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, in
     marker = next((infos[n] for n in infos if n.endswith(".comfy_quant")), None)
     notes = []
     if marker is not None and marker.nbytes < 4096:
-        notes.append(f"ComfyUI FP8 layers ({_marker_format(source, marker)}); activations are quantized per token")
+        notes.append(f"ComfyUI FP8 layers ({_marker_format(marker)}); activations are quantized per token")
     return Layout("comfyui", schemes, None, splits=splits, renames=renames, dropped=dropped, notes=notes)
 
 
@@ -298,7 +297,7 @@ def _z_image_name(name: str) -> str:
     return name
 
 
-def _marker_format(source: Source, marker: TensorInfo) -> str:
+def _marker_format(marker: TensorInfo) -> str:
     with open(marker.file, "rb") as f:
         f.seek(marker.begin)
         raw = f.read(marker.nbytes)

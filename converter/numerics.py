@@ -48,6 +48,8 @@ __all__ = [
     "cast_checked",
     "check_scale",
     "has_fp8_nan",
+    "check_fp8_codes",
+    "fp8_nan_error",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -351,6 +353,19 @@ def has_fp8_nan(q: torch.Tensor) -> bool:
     if q.numel() == 0:
         return False
     return int(q.view(torch.int8).amax()) == 0x7F or int(q.view(torch.uint8).amax()) == 0xFF
+
+
+def check_fp8_codes(q: torch.Tensor, *, name: str, where: str) -> None:
+    """Refuse an FP8 weight holding NaN codes (``has_fp8_nan``), naming it and its file."""
+    if has_fp8_nan(q):
+        raise fp8_nan_error(name, where)
+
+
+def fp8_nan_error(name: str, where: str) -> CorruptScaleError:
+    return CorruptScaleError(
+        f"{where}: {name} holds FP8 NaN codes, which no quantizer writes; the file is damaged. "
+        "Re-download it or convert again."
+    )
 
 
 def _dtype_words(dtype: torch.dtype) -> str:

@@ -31,16 +31,11 @@ import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 
-from omni_fp8.converter.errors import (
-    ConfigError,
-    CorruptScaleError,
-    ModelMismatchError,
-    UnsupportedSourceError,
-)
-from omni_fp8.converter.numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, check_scale, has_fp8_nan, quantize_weight
-from omni_fp8.converter.options import Fp8Config
-from omni_fp8.converter.plan import KEPT, decide_linears, linear_shapes
+from omni_fp8.converter.errors import ConfigError, ModelMismatchError
 from omni_fp8.converter.layouts import read_layout
+from omni_fp8.converter.numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, check_fp8_codes, check_scale
+from omni_fp8.converter.options import Fp8Config
+from omni_fp8.converter.plan import KEPT, linear_shapes, make_plan
 from omni_fp8.converter.safetensors_format import TensorInfo, read_header
 from omni_fp8.converter.source import Source
 
@@ -115,33 +110,21 @@ class Fp8Quantizer(DiffusersQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         from .loader import check_manifest, checkpoint_provenance
 
-        shapes = linear_shapes(model)
         where = self._folder or Path(".")
+        folder_config = (self._folder_config or self._checkpoint_dict()) if self.pre_quantized else None
+        config = {"_class_name": type(model).__name__, **({"quantization_config": folder_config} if folder_config else {})}
+        source = Source(root=where, kind="transformer", model_dir=where, config=config, shards=self._headers,
+                        origin={"type": "local", "path": str(where)})
         if self.pre_quantized:
-            folder_config = self._folder_config or self._checkpoint_dict()
-            source = Source(root=where, kind="transformer", model_dir=where,
-                            config={"_class_name": type(model).__name__, "quantization_config": folder_config},
-                            shards=self._headers, origin={"type": "local", "path": str(where)})
-            layout = read_layout(source, shapes)
+            layout = read_layout(source, linear_shapes(model))
             manifest = check_manifest(where, where.parent, folder_config) if self._folder else None
             self._schemes, block = layout.schemes, layout.block_size
             self._provenance = checkpoint_provenance(folder_config, self._schemes, manifest, source.origin)
-        else:
-            config = self.quantization_config
-            block = config.weight_block_size
-            plan = decide_linears(model, config, class_name=type(model).__name__)
-            self._check_tensors(model, shapes, plan.decisions)
-            self._schemes = {name: d.scheme for name, d in plan.decisions.items()}
-            options = {**config.to_dict(), "preset": plan.preset.name if plan.preset else "none",
-                       "ignored_layers": list(plan.ignored_layers),
-                       "dtype": str(self._torch_dtype).removeprefix("torch.") if self._torch_dtype else "keep"}
-            self._provenance = Fp8Provenance(
-                options=options,
-                reasons={name: d.reason for name, d in plan.decisions.items() if not d.quantized},
-                source_dtypes={f"{n}.weight": self._infos[f"{n}.weight"].dtype
-                               for n, d in plan.decisions.items() if d.quantized and f"{n}.weight" in self._infos},
-                origin={"type": "local", "path": str(where)},
-            )
+        else:  # the converter's plan and checks, exactly as load_transformer(quantization="fp8")
+            plan = make_plan(source, self.quantization_config, dtype=self._torch_dtype, model=model)
+            self._schemes = {name: d.scheme for name, d in plan.linears.items()}
+            block = self.quantization_config.weight_block_size
+            self._provenance = Fp8Provenance.from_plan(plan)
         self._block = block
         replace_linears(model, self._schemes, block)
         return model
@@ -151,25 +134,6 @@ class Fp8Quantizer(DiffusersQuantizer):
         config = self.quantization_config
         return {"quant_method": "fp8", "activation_scheme": config.activation_scheme,
                 "weight_block_size": list(config.weight_block_size) if config.weight_block_size else None}
-
-    def _check_tensors(self, model: nn.Module, shapes: dict[str, tuple[int, int]], decisions: dict) -> None:
-        """What the converter checks before quantizing: FP8 candidates exist in high precision."""
-        for name, decision in decisions.items():
-            info = self._infos.get(f"{name}.weight")
-            if not decision.quantized or info is None:
-                continue
-            if info.torch_dtype not in HIGH_PRECISION_DTYPES:
-                raise UnsupportedSourceError(
-                    f"{info.file}: {info.name} is {info.dtype}; only BF16, FP16 and FP32 weights are quantized "
-                    "(a checkpoint that is already FP8 needs its quantization_config in config.json).",
-                    path=info.file,
-                )
-            if info.shape != shapes[name]:
-                raise ModelMismatchError(
-                    f"{info.file}: {info.name} has shape {list(info.shape)} but {type(model).__name__} built from "
-                    f"config.json expects {list(shapes[name])}; the config does not match the weights.",
-                    path=info.file,
-                )
 
     def maybe_update_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Own the tensors we do not claim (biases, norms, kept Linears), as ``load_transformer`` does.
@@ -206,16 +170,13 @@ class Fp8Quantizer(DiffusersQuantizer):
         device = torch.device("cpu") if target_device is None else torch.device(target_device)
         where = str(self._infos[param_name].file) if param_name in self._infos else param_name
         if not self.pre_quantized:
-            q, scale = quantize_weight(original, module.block_size, name=param_name)
+            q, scale = module.quantize(original, name=param_name)
             _set(module, "weight", q.to(device))
             _set(module, module.scale_name, scale.to(device))
         elif attr == "weight":
             if original.dtype != FP8_DTYPE:
                 raise ModelMismatchError(f"{where}: {param_name} is {original.dtype}, expected float8_e4m3fn.")
-            if has_fp8_nan(original):
-                raise CorruptScaleError(
-                    f"{where}: {param_name} holds FP8 NaN codes, which no quantizer writes; the file is damaged. "
-                    "Re-download it or convert again.")
+            check_fp8_codes(original, name=param_name, where=where)
             _set(module, "weight", original.to(device, copy=True))
         else:
             check_scale(original, name=param_name, where=where)

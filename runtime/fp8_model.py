@@ -49,6 +49,16 @@ class Fp8Provenance:
     source_dtypes: dict[str, str] = field(default_factory=dict)
     origin: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_plan(cls, plan: Any) -> Fp8Provenance:
+        """A model quantized while loading, by the converter's plan (``load_transformer``, diffusers)."""
+        return cls(
+            options=plan.options(),
+            reasons={name: d.reason for name, d in plan.linears.items() if not d.quantized},
+            source_dtypes={t.name: t.source.dtype for t in plan.tensors if t.scheme != "kept"},
+            origin=dict(plan.source.origin),
+        )
+
 
 def is_fp8_model(model: nn.Module) -> bool:
     return isinstance(getattr(model, "_omni_fp8", None), Fp8Provenance)

@@ -64,7 +64,7 @@ def _probe(device: torch.device, block_size: tuple[int, int] | None) -> Callable
         _blockwise_v2, _blockwise_v1, _bias_after(_blockwise_v2), _bias_after(_blockwise_v1)]
     for mm in candidates:
         try:
-            y = mm(xq, xs, w, _weight_scale_for_gemm(scale, n, block_size), bias)
+            y = mm(xq, xs, w, gemm_scale_layout(scale, n, block_size), bias)
         except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError, ImportError):
             continue
         if torch.isfinite(y).all() and (y.float() - expected).norm() < 0.1 * expected.norm():
@@ -101,10 +101,6 @@ def gemm_for(device: torch.device, shape: tuple[int, int], block_size: tuple[int
 
 def gemm_scale_layout(scale: torch.Tensor, n: int, block_size: tuple[int, int] | None) -> torch.Tensor:
     """The weight scale in the layout the FP8 GEMM takes; the same values on every device."""
-    return _weight_scale_for_gemm(scale, n, block_size)
-
-
-def _weight_scale_for_gemm(scale: torch.Tensor, n: int, block_size: tuple[int, int] | None) -> torch.Tensor:
     if block_size is None:  # row-wise: one scale per output (a per-tensor scale repeated)
         return scale.reshape(1, -1).expand(1, n).contiguous()
     grid_n, grid_k = scale.shape

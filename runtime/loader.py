@@ -1,8 +1,8 @@
 """``load_transformer``: a diffusers transformer with FP8 ``Fp8Linear`` layers, from either source.
 
-* A folder ``omni-convert`` (or another tool writing vLLM's fp8 format) produced: nothing is
-  re-quantized; each tensor is memory-mapped (one at a time, as the converter reads) and goes to
-  its device once.
+* An FP8 checkpoint: a folder ``omni-convert`` produced, or another tool's FP8 folder or single
+  file (``converter/layouts.py``): nothing is re-quantized; each tensor is memory-mapped (one at
+  a time, as the converter reads), checked, and goes to its device once.
 * A BF16/FP16/FP32 folder with ``quantization="fp8"``: the converter's plan and numerics run
   while loading, one tensor at a time, so peak memory is about the FP8 model plus one source
   tensor, never the high-precision model.
@@ -30,21 +30,13 @@ from tqdm.auto import tqdm
 from omni_fp8.converter.errors import (
     ConfigError,
     CorruptCheckpointError,
-    CorruptScaleError,
     ModelMismatchError,
 )
-from omni_fp8.converter.numerics import (
-    FP8_DTYPE,
-    cast_checked,
-    check_scale,
-    has_fp8_nan,
-    quantize_weight,
-)
+from omni_fp8.converter.layouts import Layout, read_layout
+from omni_fp8.converter.numerics import FP8_DTYPE, cast_checked, check_fp8_codes, check_scale, fp8_nan_error, quantize_weight
 from omni_fp8.converter.options import Fp8Config, parse_dtype
 from omni_fp8.converter.plan import KEPT, check_tensors_match, decide_linears, empty_model, linear_shapes, make_plan
 from omni_fp8.converter.source import Source, open_source
-
-from omni_fp8.converter.layouts import Layout, read_layout
 
 from .fp8_linear import Fp8Linear, replace_linears
 from .fp8_model import Fp8Provenance, mark_fp8
@@ -192,13 +184,7 @@ def _load_quantizing(
         yield t.scale_name, scale.to(device)
 
     _stream(model, source, place, progress)
-    provenance = Fp8Provenance(
-        options=plan.options(),
-        reasons={name: d.reason for name, d in plan.linears.items() if not d.quantized},
-        source_dtypes={t.name: t.source.dtype for t in plan.tensors if t.scheme != KEPT},
-        origin=dict(source.origin),
-    )
-    return plan.quantization_config(), provenance
+    return plan.quantization_config(), Fp8Provenance.from_plan(plan)
 
 
 def _load_fp8(
@@ -270,8 +256,7 @@ class _NanCodes:
 
     def check(self, q: torch.Tensor, *, name: str, where: str) -> None:
         if q.device.type == "cpu":
-            if has_fp8_nan(q):
-                raise self._error(name, where)
+            check_fp8_codes(q, name=name, where=where)
         elif q.numel():  # 0x7F and 0xFF are the largest codes read as int8 and as uint8
             codes = torch.stack([q.view(torch.int8).amax().to(torch.int16) - 0x7F,
                                  q.view(torch.uint8).amax().to(torch.int16) - 0xFF])
@@ -283,15 +268,8 @@ class _NanCodes:
         found = torch.stack([code for _, _, code in self._pending]).cpu()  # 0 where a NaN code is
         for (name, where, _), code in zip(self._pending, found.tolist()):
             if code == 0:
-                raise self._error(name, where)
+                raise fp8_nan_error(name, where)
         self._pending.clear()
-
-    @staticmethod
-    def _error(name: str, where: str) -> CorruptScaleError:
-        return CorruptScaleError(
-            f"{where}: {name} holds FP8 NaN codes, which no quantizer writes; the file is damaged. "
-            "Re-download it or convert again."
-        )
 
 
 def check_manifest(model_dir: Path, root: Path, folder_config: Mapping[str, Any]) -> dict[str, Any] | None:

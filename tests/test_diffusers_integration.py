@@ -198,3 +198,13 @@ def test_fp8_models_refuse_dtype_casts_like_every_quantized_diffusers_model(qwen
     with pytest.raises(ValueError, match="Casting a quantized model to a new `dtype` is unsupported"):
         model.to(torch.float16)
     assert isinstance(model.to("cpu"), nn.Module)
+
+
+def test_a_registration_that_fails_warns_instead_of_breaking_the_import():
+    from omni_fp8.runtime import registration
+
+    def broken(module):
+        raise AttributeError("no AUTO_QUANTIZER_MAPPING")
+
+    with pytest.warns(RuntimeWarning, match=r"omni-fp8 could not register with diffusers .*load_transformer"):
+        registration._run("diffusers.quantizers.auto", broken, None)
