@@ -17,6 +17,10 @@ Timings: CUDA events, warm-up first, median of ``--repeat``. Ratios within one r
 
     python bench/step_speed.py --model qwen-image --blocks 4          # quick
     python bench/step_speed.py --model qwen-image --model z-image     # full depth (fits in 80 GB)
+    python bench/step_speed.py --model qwen-image --scheme tensor --mode eager --mode graphs \
+        --processes 10 --host --no-linears                            # eager, fresh processes
+    python bench/step_speed.py --model qwen-image --scheme tensor --peer torchao-row \
+        --peer diffusers-fp8r --mode eager --mode default             # peers in the same run
 """
 
 from __future__ import annotations
@@ -145,13 +149,26 @@ def median_ms(fn, warmup: int, repeat: int, inner: int = 1) -> float:
 
 
 def time_model(model, args_, kwargs, mode: str, warmup: int, repeat: int) -> tuple[float, float, torch.Tensor]:
-    """Median ms of one forward in ``mode`` ('eager' or a torch.compile mode), and compile seconds."""
+    """Median ms of one forward in ``mode`` and the seconds its first call took (compile, capture).
+
+    Modes: ``eager``; ``graphs`` (eager blocks replayed as CUDA graphs, ``enable_cuda_graphs``);
+    a torch.compile mode (``default``, ``max-autotune-no-cudagraphs``) of the repeated blocks.
+    """
+    from omni_fp8.runtime.cuda_graphs import disable_cuda_graphs, enable_cuda_graphs
+
     torch._dynamo.reset()
     for block in _blocks(model):
         block._compiled_call_impl = None  # back to eager
     compile_s = 0.0
     with torch.no_grad():
-        if mode != "eager":
+        if mode == "graphs":
+            enable_cuda_graphs(model)
+            start = time.perf_counter()
+            for _ in range(2):  # the warm-up call, then the capture
+                model(*args_, **kwargs)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+        elif mode != "eager":
             model.compile_repeated_blocks(fullgraph=True, mode=None if mode == "default" else mode)
             start = time.perf_counter()
             model(*args_, **kwargs)
@@ -161,7 +178,27 @@ def time_model(model, args_, kwargs, mode: str, warmup: int, repeat: int) -> tup
         out = output(model(*args_, **kwargs)).float()
         if PROFILE:
             profile(lambda: model(*args_, **kwargs), mode)
+        if mode == "graphs":
+            disable_cuda_graphs(model)
+            torch.cuda.empty_cache()
     return ms, compile_s, out
+
+
+def host_ms(model, name: str, repeat: int = 5) -> float:
+    """Host time of one eager forward: the same blocks and kernels on a 64x64 image with 16 text
+    tokens, where the GPU work is too small to set the pace (so wall time is launch time)."""
+    args_, kwargs = inputs(name, model, 64, 64, 16)
+    with torch.no_grad():
+        for _ in range(2):
+            model(*args_, **kwargs)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(*args_, **kwargs)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 PROFILE = False
@@ -234,23 +271,41 @@ def time_linears(shapes: Counter, repeat: int) -> dict:
 
 
 def launch_costs(k: int = 3072, calls: int = 2000) -> dict:
-    """Host time per call of each piece of an FP8 Linear, on a problem too small to keep the GPU
-    busy (M=16), so the rate is the launch cost: eager mode pays it for every Linear."""
+    """Host time per call of each piece of an FP8 Linear, on problems too small to keep the GPU
+    busy (64 rows: quantize + GEMM; 1 row: the GEMV), so the rate is the launch cost: eager mode
+    pays it for every Linear."""
     from omni_fp8 import Fp8Linear
-    from omni_fp8.runtime import kernels
+    from omni_fp8.runtime import kernels, triton_kernels
     from omni_fp8.runtime.triton_kernels import quantize_activation_cuda
 
-    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)
+    x1 = x[:1].clone()
     linear = nn.Linear(k, k).cuda().bfloat16()
     layer = Fp8Linear.from_linear(linear).cuda()
     xq, xs = quantize_activation_cuda(x, 0)
+    weight_t = layer.weight.t()
+
+    def general():
+        kernels.forget_shared_activation()
+        return kernels.fp8_linear(x, layer.weight, layer.scale, layer.bias, None, layer._gemm_fn, layer.gemm_scale)
+
+    def shortcut():
+        kernels.forget_shared_activation()
+        return layer(x)
+
     pieces = {
         "nn.Linear (bf16)": lambda: linear(x),
-        "Fp8Linear": lambda: layer(x.clone()),
-        "x.clone() (subtract from Fp8Linear)": lambda: x.clone(),
+        "Fp8Linear": shortcut,
+        "Fp8Linear._eager (no module call)": lambda: (kernels.forget_shared_activation(), layer._eager(x)),
+        "fp8_linear, the general path": general,
+        "Fp8Linear, 1 row (GEMV)": lambda: layer(x1),
+        "nn.Linear, 1 row": lambda: linear(x1),
         "triton quantize": lambda: quantize_activation_cuda(x, 0),
-        "torch._scaled_mm": lambda: kernels._rowwise_mm(xq, xs, layer.weight, layer.gemm_scale, layer.bias),
+        "triton quantize, Triton's own launch": lambda: _launch_through_triton(x),
+        "torch._scaled_mm": lambda: torch._scaled_mm(xq, weight_t, scale_a=xs, scale_b=layer.gemm_scale,
+                                                     bias=layer.bias, out_dtype=torch.bfloat16),
         "torch.empty": lambda: torch.empty(16, k, device="cuda"),
+        "x.reshape + view": lambda: x.reshape(-1, k).view(64, k),
     }
     costs = {}
     with torch.no_grad():
@@ -263,81 +318,247 @@ def launch_costs(k: int = 3072, calls: int = 2000) -> dict:
                 fn()
             torch.cuda.synchronize()
             costs[name] = (time.perf_counter() - start) / calls * 1e6
+    launcher = triton_kernels._QUANTIZE
+    print(f"Direct Triton launches: {launcher.direct} ({launcher.why_not}), patterns kept: {len(launcher.compiled)}")
     print("Host time per call (us): " + ", ".join(f"{n} {c:.1f}" for n, c in costs.items()))
     return costs
+
+
+def _launch_through_triton(x: torch.Tensor) -> None:
+    from omni_fp8.converter.numerics import FP8_MAX, MIN_SCALE
+    from omni_fp8.runtime import triton_kernels
+
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block, warps = triton_kernels._launch_shape(k)
+    triton_kernels._quantize_rows[(m, 1)](x, q, s, m, k, k, k, k, 1, 0, BLOCK=block, FP8_LIMIT=FP8_MAX,
+                                          MIN_SCALE=MIN_SCALE, num_warps=warps)
 
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def run_model(name: str, a) -> dict:
-    from omni_fp8 import Fp8Config, quantize_
+PEERS = ("torchao-row", "torchao-tensor", "diffusers-fp8r")
 
+
+def quantized(name: str, variant: str, a) -> nn.Module:
+    """The model in ``variant``: one of ours (``tensor``, ``block``, ``channel``, ``tensor-fast``)
+    or a peer's, on the same seeded weights, quantizing the same Linears (``--preset``)."""
+    from omni_fp8 import Fp8Config, Fp8Linear, quantize_
+    from omni_fp8.converter.plan import decide_linears
+
+    model = build(name, a.blocks)
+    config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant))
+    if variant in ("tensor", "block", "tensor-fast"):
+        quantize_(model, config)
+        if variant == "tensor-fast":  # cuBLASLt's fast accumulation, as diffusers' fp8r layer uses
+            for layer in model.modules():
+                if isinstance(layer, Fp8Linear):
+                    layer.fast_accum = True
+                    layer._place()
+        return model
+    chosen = [n for n, d in decide_linears(model, config).decisions.items() if d.quantized]
+    with torch.no_grad():
+        if variant == "channel":  # row-wise weight scales, as compressed-tensors / ModelOpt store them
+            for n in chosen:
+                model.set_submodule(n, Fp8Linear.from_linear(model.get_submodule(n), per_channel=True))
+        elif variant == "diffusers-fp8r":  # diffusers' own layer for BFL fp8r checkpoints
+            from diffusers.quantizers.bfl.utils import BFLFP8RLinear
+            from omni_fp8.converter.numerics import quantize_per_channel
+
+            for n in chosen:
+                linear = model.get_submodule(n)
+                layer = BFLFP8RLinear(linear.in_features, linear.out_features, linear.bias is not None,
+                                      compute_dtype=torch.bfloat16, device="cuda")
+                q, scale = quantize_per_channel(linear.weight)
+                layer.weight.data = q
+                layer.weight_scale.copy_(scale.reshape(-1))
+                if linear.bias is not None:
+                    layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+                model.set_submodule(n, layer)
+        elif variant.startswith("torchao-"):  # diffusers + torchao float8 dynamic activations and weights
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+            from torchao.quantization import quantize_ as torchao_quantize
+
+            granularity = PerRow() if variant == "torchao-row" else PerTensor()
+            wanted = set(chosen)
+            torchao_quantize(model, Float8DynamicActivationFloat8WeightConfig(granularity=granularity),
+                             filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in wanted)
+        else:
+            raise SystemExit(f"unknown variant {variant!r}")
+    return model
+
+
+def run_model(name: str, a) -> dict:
     torch.cuda.empty_cache()
-    result: dict = {"model": name, "blocks": a.blocks or MODELS[name]["config"][MODELS[name]["depth_key"]]}
-    if PROFILE:
+    result: dict = {"model": name, "blocks": a.blocks or MODELS[name]["config"][MODELS[name]["depth_key"]],
+                    "preset": a.preset, "process": process_facts()}
+    if PROFILE or a.launch_costs:
         result["launch_us"] = launch_costs()
     model = build(name, a.blocks)
     args_, kwargs = inputs(name, model, a.height, a.width, a.txt)
     result["bf16_weight_bytes"] = weight_bytes(model)
-    shapes = linear_shapes(model, args_, kwargs)
-    result["linears"] = time_linears(shapes, a.repeat * 4)
-    lin = result["linears"]
-    t_lin = {s: sum(r["count"] * r[s] for r in lin.values()) for s in ("bf16", "fp8_tensor", "fp8_block")}
-    result["linear_ms"] = t_lin
+    t_lin = None
+    if a.linears:
+        shapes = linear_shapes(model, args_, kwargs)
+        result["linears"] = time_linears(shapes, a.repeat * 4)
+        lin = result["linears"]
+        t_lin = {s: sum(r["count"] * r[s] for r in lin.values()) for s in ("bf16", "fp8_tensor", "fp8_block")}
+        result["linear_ms"] = t_lin
     timings: dict = {}
+    host: dict = {}
     for mode in a.modes:
         ms, cs, out = time_model(model, args_, kwargs, mode, a.warmup, a.repeat)
         timings[("bf16", mode)] = {"ms": ms, "compile_s": cs}
         if mode == "eager":
             reference = out
         print(f"  {name} bf16 {mode}: {ms:.1f} ms", flush=True)
+    if a.host:
+        host["bf16"] = host_ms(model, name)
+        print(f"  {name} bf16 host per forward: {host['bf16']:.1f} ms", flush=True)
     del model
     torch.cuda.empty_cache()
     errors, memory = {}, {}
-    for scheme in a.schemes:
-        model = build(name, a.blocks)
-        quantize_(model, Fp8Config(preset=a.preset, weight_block_size=SCHEMES[scheme]))
-        memory[scheme] = weight_bytes(model)
+    for variant in a.variants:
+        try:
+            model = quantized(name, variant, a)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+            print(f"  {name} {variant}: could not build ({type(e).__name__}: {e})", flush=True)
+            continue
+        memory[variant] = weight_bytes(model)
         for mode in a.modes:
-            ms, cs, out = time_model(model, args_, kwargs, mode, a.warmup, a.repeat)
-            timings[(scheme, mode)] = {"ms": ms, "compile_s": cs}
+            if mode == "graphs" and variant in PEERS:
+                continue
+            try:
+                ms, cs, out = time_model(model, args_, kwargs, mode, a.warmup, a.repeat)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name} {variant} {mode}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                continue
+            timings[(variant, mode)] = {"ms": ms, "compile_s": cs}
             if mode == "eager":
-                errors[scheme] = ((out - reference).norm() / reference.norm()).item()
-            print(f"  {name} fp8 {scheme} {mode}: {ms:.1f} ms", flush=True)
+                errors[variant] = ((out - reference).norm() / reference.norm()).item()
+            print(f"  {name} {variant} {mode}: {ms:.1f} ms (first call {cs:.1f} s)", flush=True)
+        if a.host:
+            host[variant] = host_ms(model, name)
+            print(f"  {name} {variant} host per forward: {host[variant]:.1f} ms", flush=True)
         del model
         torch.cuda.empty_cache()
     result["timings"] = {f"{k[0]}/{k[1]}": v for k, v in timings.items()}
+    result["host_ms"] = host
     result["rel_l2_vs_bf16"] = errors
     result["fp8_weight_bytes"] = memory
+    if not a.quiet_table:
+        print_table(result, a, t_lin, timings, memory, errors)
+    return result
 
+
+def process_facts() -> dict:
+    """What differs between processes on a shared machine: CPUs allowed, their clock, the GPU's."""
+    import os
+
+    facts: dict = {"pid": os.getpid(), "cpus": len(os.sched_getaffinity(0))}
+    try:
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.startswith("cpu MHz")]
+        facts["cpu_mhz_median"] = statistics.median(mhz) if mhz else None
+    except OSError:
+        pass
+    return facts
+
+
+def print_table(result, a, t_lin, timings, memory, errors) -> None:
+    name = result["model"]
     print(f"\n{name}: {result['blocks']} blocks, {a.height}x{a.width}, {a.txt} text tokens, preset {a.preset}, "
           f"{torch.cuda.get_device_name()}")
-    print(f"Linears alone: BF16 {t_lin['bf16']:.1f} ms, FP8 per-tensor {t_lin['fp8_tensor']:.1f} ms, "
-          f"FP8 block {t_lin['fp8_block']:.1f} ms (GEMM only)")
-    header = f"{'scheme':<12} {'mode':<26} {'ms':>8} {'vs bf16':>8} {'ceiling':>8} {'of saving':>10} {'weights':>9} {'rel L2':>8}"
+    if t_lin:
+        print(f"Linears alone: BF16 {t_lin['bf16']:.1f} ms, FP8 per-tensor {t_lin['fp8_tensor']:.1f} ms, "
+              f"FP8 block {t_lin['fp8_block']:.1f} ms (GEMM only)")
+    header = (f"{'variant':<16} {'mode':<26} {'ms':>8} {'vs bf16':>8} {'ceiling':>8} {'of saving':>10} "
+              f"{'first call':>10} {'weights':>9} {'rel L2':>8}")
     print(header)
     for mode in a.modes:
         base = timings[("bf16", mode)]["ms"]
-        print(f"{'bf16':<12} {mode:<26} {base:>8.1f} {1:>7.2f}x {'':>8} {'':>10} "
-              f"{result['bf16_weight_bytes'] / 2**30:>5.1f} GiB {'':>8}")
-        for scheme in a.schemes:
-            ms = timings[(scheme, mode)]["ms"]
-            saving = t_lin["bf16"] - t_lin[f"fp8_{scheme}"]
-            ceiling = base / (base - saving) if base > saving else float("inf")
-            reached = (base - ms) / saving if saving > 0 else float("nan")
-            print(f"{'fp8 ' + scheme:<12} {mode:<26} {ms:>8.1f} {base / ms:>7.2f}x {ceiling:>7.2f}x {100 * reached:>9.0f}% "
-                  f"{memory[scheme] / 2**30:>5.1f} GiB {_error_text(errors.get(scheme)):>8}")
-    print("FP8 weight memory vs BF16: " + ", ".join(
-        f"{s} {100 * memory[s] / result['bf16_weight_bytes']:.1f}%" for s in a.schemes))
-    print(f"{'Linear MxNxK':<20} {'count':>5} {'bf16 us':>8} {'fp8 us':>8} {'block us':>9} {'quant us':>9} {'gemv us':>8}")
-    for shape, v in lin.items():
-        gemm, block = v.get("fp8_tensor_gemm", v["fp8_tensor"]), v.get("fp8_block_gemm", v["fp8_block"])
-        gemv = f"{v['gemv'] * 1e3:>8.0f}" if "gemv" in v else f"{'':>8}"
-        print(f"{shape:<20} {v['count']:>5} {v['bf16'] * 1e3:>8.0f} {gemm * 1e3:>8.0f} "
-              f"{block * 1e3:>9.0f} {v['quant'] * 1e3:>9.0f} {gemv}")
-    return result
+        print(f"{'bf16':<16} {mode:<26} {base:>8.1f} {1:>7.2f}x {'':>8} {'':>10} "
+              f"{timings[('bf16', mode)]['compile_s']:>9.1f}s {result['bf16_weight_bytes'] / 2**30:>5.1f} GiB {'':>8}")
+        for variant in a.variants:
+            if (variant, mode) not in timings:
+                continue
+            ms = timings[(variant, mode)]["ms"]
+            key = "fp8_block" if variant == "block" else "fp8_tensor"
+            if t_lin:
+                saving = t_lin["bf16"] - t_lin[key]
+                ceiling = f"{base / (base - saving):>7.2f}x" if base > saving else f"{'inf':>8}"
+                reached = f"{100 * (base - ms) / saving:>9.0f}%" if saving > 0 else f"{'':>10}"
+            else:
+                ceiling, reached = f"{'':>8}", f"{'':>10}"
+            print(f"{variant:<16} {mode:<26} {ms:>8.1f} {base / ms:>7.2f}x {ceiling} {reached} "
+                  f"{timings[(variant, mode)]['compile_s']:>9.1f}s {memory[variant] / 2**30:>5.1f} GiB "
+                  f"{_error_text(errors.get(variant)):>8}")
+    if t_lin:
+        print(f"{'Linear MxNxK':<20} {'count':>5} {'bf16 us':>8} {'fp8 us':>8} {'block us':>9} {'quant us':>9} {'gemv us':>8}")
+        for shape, v in result["linears"].items():
+            gemm, block = v.get("fp8_tensor_gemm", v["fp8_tensor"]), v.get("fp8_block_gemm", v["fp8_block"])
+            gemv = f"{v['gemv'] * 1e3:>8.0f}" if "gemv" in v else f"{'':>8}"
+            print(f"{shape:<20} {v['count']:>5} {v['bf16'] * 1e3:>8.0f} {gemm * 1e3:>8.0f} "
+                  f"{block * 1e3:>9.0f} {v['quant'] * 1e3:>9.0f} {gemv}")
+
+
+def processes(a, argv: list[str]) -> None:
+    """Run the same measurement in ``a.processes`` fresh processes; report min / median / max of
+    each time and of each ratio against BF16 taken within its own process."""
+    import os
+    import subprocess
+    import tempfile
+
+    runs: list[list[dict]] = []
+    child_argv = []
+    skip = False
+    for arg in argv:  # drop --processes N and --json PATH: the children write their own
+        if skip:
+            skip = False
+            continue
+        if arg in ("--processes", "--json"):
+            skip = True
+            continue
+        if arg.startswith(("--processes=", "--json=")):
+            continue
+        child_argv.append(arg)
+    for i in range(a.processes):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            path = f.name
+        cmd = [sys.executable, __file__, *child_argv, "--quiet-table", "--json", path]
+        print(f"process {i + 1}/{a.processes}: {' '.join(cmd[1:])}", flush=True)
+        proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode == 0:
+            runs.append(json.loads(Path(path).read_text()))
+        os.unlink(path)
+    summary = []
+    for m_index, name in enumerate(a.model):
+        per = [r[m_index] for r in runs if len(r) > m_index]
+        print(f"\n{name}: {len(per)} fresh processes, {per[0]['blocks'] if per else '?'} blocks, preset {a.preset}")
+        print(f"{'variant':<16} {'mode':<8} {'ms min/median/max':>26} {'vs bf16 min/median/max':>26} "
+              f"{'host ms/forward':>16}")
+        keys = sorted({k for r in per for k in r["timings"]}, key=lambda k: (k.split("/")[1], k != f"bf16/{k.split('/')[1]}"))
+        for key in keys:
+            variant, mode = key.split("/")
+            ms = [r["timings"][key]["ms"] for r in per if key in r["timings"]]
+            ratios = [r["timings"][f"bf16/{mode}"]["ms"] / r["timings"][key]["ms"] for r in per
+                      if key in r["timings"] and f"bf16/{mode}" in r["timings"]]
+            hosts = [r["host_ms"][variant] for r in per if variant in r.get("host_ms", {})]
+            row = {"model": name, "variant": variant, "mode": mode, "ms": ms, "vs_bf16": ratios, "host_ms": hosts}
+            summary.append(row)
+            host = f"{statistics.median(hosts):>16.1f}" if hosts and mode == "eager" else f"{'':>16}"
+            print(f"{variant:<16} {mode:<8} {_spread(ms, '{:.1f}'):>26} {_spread(ratios, '{:.2f}x'):>26} {host}")
+    if a.json:
+        a.json.write_text(json.dumps({"processes": runs, "summary": summary}, indent=2))
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
 def _error_text(error: float | None) -> str:
@@ -348,23 +569,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", choices=list(MODELS))
     parser.add_argument("--blocks", type=int, help="fewer blocks for a quick run (default: full depth)")
-    parser.add_argument("--scheme", dest="schemes", action="append", choices=list(SCHEMES))
+    parser.add_argument("--scheme", dest="schemes", action="append", choices=[*SCHEMES, "channel", "tensor-fast"],
+                        help="ours: tensor, block, channel (row-wise weight scales), tensor-fast (fast accumulation)")
+    parser.add_argument("--peer", dest="peers", action="append", default=[], choices=list(PEERS),
+                        help="a peer's FP8 on the same weights: torchao-row, torchao-tensor, diffusers-fp8r")
     parser.add_argument("--mode", dest="modes", action="append",
-                        help="eager, default, max-autotune-no-cudagraphs (default: eager and default)")
+                        help="eager, graphs, default, max-autotune-no-cudagraphs (default: eager and default)")
     parser.add_argument("--preset", default="none", help="'none' quantizes every aligned Linear")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--txt", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="run everything in N fresh processes and report min / median / max")
+    parser.add_argument("--launch-costs", action="store_true", help="host time per call of an FP8 Linear's pieces")
+    parser.add_argument("--host", action="store_true", help="also measure each variant's host time per forward")
+    parser.add_argument("--no-linears", dest="linears", action="store_false",
+                        help="skip timing each Linear shape alone (the ceiling)")
+    parser.add_argument("--quiet-table", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", action="store_true", help="print each mode's top GPU kernels")
     a = parser.parse_args()
     global PROFILE
     PROFILE = a.profile
     a.model = a.model or list(MODELS)
-    a.schemes = a.schemes or list(SCHEMES)
+    a.schemes = a.schemes or ["tensor", "block"]
+    a.variants = [*a.schemes, *a.peers]
     a.modes = a.modes or ["eager", "default"]
+    if a.processes:
+        processes(a, sys.argv[1:])
+        return
     results = []
     for name in a.model:
         results.append(run_model(name, a))

@@ -2,7 +2,8 @@
 
 ``loader`` (``load_transformer``), ``quantize`` (``quantize_`` for a model in memory),
 ``fp8_linear`` (the module), ``kernels`` (the one matmul dispatch: cuBLASLt FP8 GEMMs on FP8
-GPUs, an exact float32 emulation elsewhere), ``triton_kernels`` (activation quantization, few-row FP8 GEMV).
+GPUs, an exact float32 emulation elsewhere), ``triton_kernels`` (activation quantization, few-row FP8 GEMV),
+``cuda_graphs`` (eager blocks replayed as CUDA graphs).
 """
 
 from .fp8_linear import Fp8Linear

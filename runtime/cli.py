@@ -48,6 +48,8 @@ def main(debug: bool) -> None:
               help="tea_cache, or one of diffusers' caches: first_block_cache, mag_cache, taylorseer_cache.")
 @click.option("--cache-config", metavar="JSON", help='The cache\'s options, e.g. \'{"rel_l1_thresh": 0.2}\'.')
 @click.option("--compile", "compile_", is_flag=True, help="Regional torch.compile of the transformer blocks.")
+@click.option("--cuda-graphs", is_flag=True,
+              help="Replay each transformer block as a CUDA graph: eager numerics, no per-kernel host time.")
 @click.option("--enable-cpu-offload", is_flag=True, help="diffusers' enable_model_cpu_offload.")
 @click.option("--sequential-cpu-offload", is_flag=True, help="diffusers' enable_sequential_cpu_offload.")
 @click.option("--group-offload", metavar="SPEC",
@@ -76,7 +78,7 @@ def main(debug: bool) -> None:
 def text_to_image(model: str, revision: str | None, token: str | None, quantization: str | None, preset: str | None,
                   ignored_layers: tuple[str, ...], weight_block_size: str | None, activation_scheme: str, dtype: str,
                   device: str | None, cache_backend: str | None, cache_config: str | None, compile_: bool,
-                  enable_cpu_offload: bool, sequential_cpu_offload: bool, group_offload: str | None,
+                  cuda_graphs: bool, enable_cpu_offload: bool, sequential_cpu_offload: bool, group_offload: str | None,
                   ulysses_degree: int | None, ring_degree: int | None, attention_backend: str | None,
                   prompts: tuple[str, ...],
                   negative_prompt: str | None, num_inference_steps: int, height: int | None, width: int | None,
@@ -108,7 +110,7 @@ def text_to_image(model: str, revision: str | None, token: str | None, quantizat
         _check_writable(paths, force=force)
     with Omni(model, quantization=quantization, quantization_config=config, dtype=dtype, device=device,
               cache_backend=cache_backend, cache_config=_json_option(cache_config, "--cache-config"),
-              compile=compile_, enable_cpu_offload="sequential" if sequential_cpu_offload else enable_cpu_offload,
+              compile=compile_, cuda_graphs=cuda_graphs, enable_cpu_offload="sequential" if sequential_cpu_offload else enable_cpu_offload,
               group_offload=_group_offload_option(group_offload), parallel=parallel,
               attention_backend=attention_backend, revision=revision, token=token,
               progress=not (quiet or as_json)) as omni:

@@ -18,7 +18,7 @@ from torch import nn
 from omni_fp8.converter.numerics import FP8_DTYPE, block_scale_shape, check_scale, dequantize_weight, quantize_weight
 from omni_fp8.converter.options import parse_block_size
 
-from .kernels import fp8_linear, gemm_for, gemm_scale_layout, no_fp8_gemm_error
+from .kernels import eager_linear, fp8_linear, gemm_for, gemm_scale_layout, no_fp8_gemm_error
 
 __all__ = ["Fp8Linear", "replace_linears"]
 
@@ -33,7 +33,13 @@ class Fp8Linear(nn.Module):
             ModelOpt and BFL ``fp8r`` checkpoints store them.
         dtype: dtype of the bias (the compute dtype); the output takes the input's dtype.
         force_fp8_gemm: Refuse to run on a device without FP8 matmuls instead of emulating them.
+
+    ``fast_accum = True`` (an attribute; set it, then the layer re-plans at its next forward) lets
+    cuBLASLt accumulate per-tensor/per-channel GEMMs in its faster, less exact mode, as diffusers'
+    ``fp8r`` layer does. Off by default; bench/RESULTS.md has what it gains and costs.
     """
+
+    fast_accum: bool = False
 
     def __init__(
         self,
@@ -54,9 +60,11 @@ class Fp8Linear(nn.Module):
         if per_channel and self.block_size is not None:
             raise ValueError("an Fp8Linear has per-channel or block scales, not both")
         self.per_channel = per_channel
+        self._scale_key = "weight_scale" if self.block_size is None else "weight_scale_inv"
         self.force_fp8_gemm = force_fp8_gemm
         self._compute_dtype = dtype if dtype is not None and dtype.is_floating_point and dtype != FP8_DTYPE else None
         self._gemm_fn = None
+        self._eager = None
         self._placed_for: tuple | None = None
         # The bias goes first: diffusers reports a model's dtype as its first floating parameter's,
         # and that should be the compute dtype, not float8.
@@ -121,7 +129,7 @@ class Fp8Linear(nn.Module):
 
     @property
     def scale_name(self) -> str:
-        return "weight_scale" if self.block_size is None else "weight_scale_inv"
+        return self._scale_key
 
     @property
     def scale(self) -> torch.Tensor:
@@ -155,8 +163,11 @@ class Fp8Linear(nn.Module):
         self._place(rescale=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and self._placed_for != self._where():
-            self._place()  # moved by something that bypasses .to() (offloading hooks): re-plan once
+        if not torch.compiler.is_compiling():
+            if self._placed_for != self._where():
+                self._place()  # moved by something that bypasses .to() (offloading hooks): re-plan once
+            if self._eager is not None and x.dtype == torch.bfloat16:
+                return self._eager(x)
         return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, self._gemm_fn,
                           self._buffers.get("gemm_scale"))
 
@@ -167,9 +178,19 @@ class Fp8Linear(nn.Module):
             f"scheme={self.scheme}" + (f", block_size={block}" if block else "")
         )
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles drop the per-call plan (it refers to this layer's own tensors); the
+        copy makes its own at its first forward."""
+        state = self.__dict__.copy()
+        state["_eager"], state["_placed_for"] = None, None
+        return state
+
     def _where(self) -> tuple:
         """Where the weight and scale live now: the GEMM plan is valid while this stays the same."""
-        return self.weight.device, self.weight.data_ptr(), self.scale.data_ptr()
+        params = self._parameters
+        weight, gemm_scale = params["weight"], self._buffers.get("gemm_scale")
+        return (weight.device, weight.data_ptr(), params[self._scale_key].data_ptr(),
+                None if gemm_scale is None else gemm_scale.data_ptr())
 
     def _after_load(self, *_: object) -> None:
         """After ``load_state_dict``: refuse a scale the contract never writes, then pick the kernel."""
@@ -194,7 +215,7 @@ class Fp8Linear(nn.Module):
         """
         device = self.weight.device
         if device.type == "meta" or self.scale.device.type == "meta":
-            self._gemm_fn, self._placed_for = None, None
+            self._gemm_fn, self._eager, self._placed_for = None, None, None
             return
         buf = self._buffers.get("gemm_scale")
         if rescale or buf is None or buf.device.type == "meta":
@@ -205,7 +226,8 @@ class Fp8Linear(nn.Module):
                 buf.data = layout
         elif buf.device != device:
             buf.data = buf.data.to(device)
-        self._gemm_fn = gemm_for(device, (self.out_features, self.in_features), self.block_size)
+        self._gemm_fn = gemm_for(device, (self.out_features, self.in_features), self.block_size, self.fast_accum)
+        self._eager = eager_linear(self)
         self._placed_for = self._where()
         if self.force_fp8_gemm and self._gemm_fn is None:
             raise no_fp8_gemm_error(device, self.scheme)

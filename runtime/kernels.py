@@ -29,7 +29,7 @@ from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_a
 
 from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, fp8_weight_gemv, gemv_supports, quantize_activation_cuda
 
-__all__ = ["fp8_linear", "device_has_fp8", "gemm_for", "gemm_scale_layout", "FP8_MIN_CAPABILITY", "CUBLAS_BLOCK"]
+__all__ = ["fp8_linear", "eager_linear", "device_has_fp8", "gemm_for", "gemm_scale_layout", "FP8_MIN_CAPABILITY", "CUBLAS_BLOCK"]
 
 FP8_MIN_CAPABILITY = (8, 9)
 CUBLAS_BLOCK = (128, 128)  # the only block shape cuBLASLt's block-scaled FP8 GEMM takes
@@ -81,7 +81,8 @@ def no_fp8_gemm_error(device: torch.device, scheme: str = "fp8") -> ConfigError:
     )
 
 
-def gemm_for(device: torch.device, shape: tuple[int, int], block_size: tuple[int, int] | None) -> Callable | None:
+def gemm_for(device: torch.device, shape: tuple[int, int], block_size: tuple[int, int] | None,
+             fast_accum: bool = False) -> Callable | None:
     """The FP8 GEMM for a weight of ``shape`` on ``device``, or ``None`` (emulate).
 
     Decided when a layer is placed or moved: the forward only calls what this returns (nothing
@@ -91,7 +92,7 @@ def gemm_for(device: torch.device, shape: tuple[int, int], block_size: tuple[int
         return None
     n, k = shape
     if block_size is None:
-        return _rowwise_mm
+        return _rowwise_mm_fast if fast_accum else _rowwise_mm
     if tuple(block_size) != CUBLAS_BLOCK or n % 128 or k % 128:
         return None
     if _probe(device, CUBLAS_BLOCK) is None:
@@ -139,6 +140,42 @@ def fp8_linear(
     return y.reshape(*shape[:-1], weight.shape[0])
 
 
+def eager_linear(layer) -> Callable | None:
+    """The per-call work of ``fp8_linear`` for one placed per-tensor/per-channel layer, in eager mode.
+
+    An eager forward pays host time for every Python step of every Linear, and a step of a
+    60-block model makes about a thousand FP8 Linear calls: this closure does only what depends
+    on the input (reshape, quantize or GEMV, GEMM) with everything else looked up once when the
+    layer is placed (the GEMM, the transposed weight view, the scale layout). The layer re-makes
+    it whenever it is placed again, so the captured views never outlive a move.
+    Returns ``None`` where this shortcut does not apply (emulation, block scales).
+    """
+    mm = layer._gemm_fn
+    if mm is not _rowwise_mm and mm is not _rowwise_mm_fast:
+        return None
+    fast = mm is _rowwise_mm_fast
+    params, buffers = layer._parameters, layer._buffers
+    weight, gemm_scale = params["weight"], buffers["gemm_scale"]
+    n, k = weight.shape
+    weight_t = weight.t()
+    scale = layer.scale
+    scaled_mm, bf16 = torch._scaled_mm, torch.bfloat16
+    gemv = fp8_weight_gemv if gemv_supports(None) else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, k)
+        bias = params["bias"]  # looked up per call: offloading may swap the bias alone
+        if gemv is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+            y = gemv(x2, weight, scale, bias, None)
+        else:
+            xq, xs = _shared_quantize(x, x2, None)
+            y = scaled_mm(xq, weight_t, scale_a=xs, scale_b=gemm_scale, bias=bias, out_dtype=bf16, use_fast_accum=fast)
+        return y.view(*shape[:-1], n)
+
+    return run
+
+
 def _small_m(x2, weight, scale, bias, block_size):
     """A few rows (AdaLN modulation: one per image): the FP8-weight GEMV, BF16 activations.
 
@@ -154,6 +191,11 @@ def _small_m(x2, weight, scale, bias, block_size):
 # Sibling projections (to_q, to_k, to_v) read the same activation: quantize it once. The entry
 # keeps the input alive, so its memory cannot be reused by another tensor while it is cached.
 _last_quantized: list[tuple] = []
+
+
+def forget_shared_activation() -> None:
+    """Drop the cached quantized activation (CUDA graph capture: it must not outlive the graph)."""
+    _last_quantized.clear()
 
 
 def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +233,14 @@ def _rowwise_mm(xq, xs, weight, gemm_scale, bias):
         bias=None if bias is None else bias.to(torch.bfloat16),
         out_dtype=torch.bfloat16,
     )
+
+
+def _rowwise_mm_fast(xq, xs, weight, gemm_scale, bias):
+    """``_rowwise_mm`` with cuBLASLt's fast FP8 accumulation (partial sums not promoted to full
+    float32 precision at intervals): faster, less exact. Used by ``Fp8Linear(fast_accum=True)``."""
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=gemm_scale,
+                            bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                            use_fast_accum=True)
 
 
 def _blockwise_mm(xq, xs, weight, gemm_scale, bias):

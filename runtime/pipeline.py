@@ -146,6 +146,8 @@ class Omni:
             ``parallel``, each rank's own GPU.
         cache_backend: ``"tea_cache"``, or one of diffusers' caches by name (``caches.CACHE_BACKENDS``).
         cache_config: The backend's options, e.g. ``{"rel_l1_thresh": 0.2}`` for ``tea_cache``.
+        cuda_graphs: Replay each transformer block as a CUDA graph (``enable_cuda_graphs``): eager
+            numerics without the per-kernel host time, so the GPU, not Python, sets the pace.
         compile: Regional compilation of the transformer blocks (``compile_repeated_blocks``,
             ``fullgraph=True``); with a cache, the blocks' own computation is compiled and the
             cache's decisions run around it.
@@ -173,6 +175,7 @@ class Omni:
         cache_backend: str | None = None,
         cache_config: Mapping[str, Any] | None = None,
         compile: bool = False,
+        cuda_graphs: bool = False,
         enable_cpu_offload: bool | str = False,
         group_offload: bool | Mapping[str, Any] | None = None,
         parallel: Mapping[str, Any] | None = None,
@@ -198,6 +201,11 @@ class Omni:
             raise ConfigError("enable_cpu_offload and group_offload both offload the pipeline; choose one.")
         if self._parallel and (offload or group is not None):
             raise ConfigError("parallel runs a whole pipeline on each GPU; it does not combine with offloading.")
+        if not isinstance(cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be True or False, got {cuda_graphs!r}.")
+        if cuda_graphs and (compile or offload or group is not None or self._parallel):
+            raise ConfigError("cuda_graphs replays the blocks where they are: it does not combine with compile (use "
+                              "one or the other), offloading (the weights move) or parallel.")
         if self._parallel and compile:
             raise ConfigError("compile does not combine with parallel in diffusers 0.42.1 (its own CLI skips "
                               "compilation under context parallelism); choose one.")
@@ -255,6 +263,13 @@ class Omni:
             except (ValueError, ImportError, RuntimeError) as e:
                 raise ConfigError(f"attention_backend {backend!r}: {' '.join(str(e).split())}") from e
         self._attention_backend = backend
+        if cuda_graphs:
+            if self._device.type != "cuda":
+                raise ConfigError(f"cuda_graphs needs a CUDA device; this pipeline runs on {self._device}.")
+            from .cuda_graphs import enable_cuda_graphs
+
+            enable_cuda_graphs(transformer)  # before the caches' hooks, which must decide around the graphs
+        self._cuda_graphs = cuda_graphs
         self._probe = _install_probe(transformer, cache_backend) if cache_backend is not None else None
         self._cache = caches.apply_cache(pipe, cache_backend, cache_config)
         if self._parallel:
@@ -318,6 +333,7 @@ class Omni:
             "device": str(self._device),
             "cache": self._cache.to_dict() if self._cache is not None else None,
             "compile": self._compile,
+            "cuda_graphs": self._cuda_graphs,
             "offload": self._offload,
             "parallel": {**self._parallel, "rank": self._rank} if self._parallel else None,
             "attention_backend": self._attention_backend,

@@ -100,19 +100,17 @@ def quantize_activation_cuda(
     group = k if group_size == 0 else group_size
     groups = -(-k // group)
     x = x.contiguous()
-    # One allocation for both outputs (each allocation is host time on every Linear): the
-    # float32 scales first, then the FP8 values at a 256-byte boundary, as cuBLASLt wants them.
-    scale_bytes = rows * groups * 4
-    offset = -(-scale_bytes // 256) * 256
-    buf = torch.empty(offset + rows * k, dtype=torch.uint8, device=x.device)
+    # Two plain allocations: measured on an H200 host, cheaper than one allocation cut into
+    # views (each view is a dispatcher call too). The allocator aligns both as cuBLASLt wants.
     shape, strides = _scale_layout(rows, groups, group_size)
-    s = buf[:scale_bytes].view(torch.float32).as_strided(shape, strides)
-    q = buf[offset:].view(FP8_DTYPE).view(rows, k)
+    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty_strided(shape, strides, dtype=torch.float32, device=x.device)
     if rows:
         block, warps = _launch_shape(group)
-        _quantize_rows[(rows, groups)](
-            x, q, s, m, k, group, x.stride(0), k, strides[0], strides[1] if group_size else 0,
-            BLOCK=block, FP8_LIMIT=FP8_MAX, MIN_SCALE=MIN_SCALE, num_warps=warps,
+        key = (x.device.index, m == 1, m % 16 == 0, rows, k, group_size, x.data_ptr() % 16 == 0)
+        _QUANTIZE.launch(
+            key, (rows, groups), (x, q, s, m, k, group, x.stride(0), k, strides[0], strides[1] if group_size else 0),
+            {"BLOCK": block, "FP8_LIMIT": FP8_MAX, "MIN_SCALE": MIN_SCALE}, num_warps=warps,
         )
     return q, s
 
@@ -145,15 +143,92 @@ def fp8_weight_gemv(
     x = x.contiguous()
     y = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
     blocked = block_size is not None
-    _fp8_weight_gemv[(triton.cdiv(n, _GEMV_BLOCK_N),)](
-        x, weight, scale, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0),
-        scale.stride(0) if blocked else 0, y.stride(0),
-        HAS_BIAS=bias is not None, BLOCKED=blocked, PER_ROW=not blocked and scale.numel() > 1,
-        BLOCK_M=GEMV_MAX_ROWS, BLOCK_N=_GEMV_BLOCK_N,
-        BLOCK_K=_GEMV_BLOCK_K, SCALE_BN=block_size[0] if blocked else 1, SCALE_BK=block_size[1] if blocked else 1,
+    per_row = not blocked and scale.numel() > 1
+    stride_s = scale.stride(0) if blocked else 0
+    key = (x.device.index, m == 1, m % 16 == 0, n, k, weight.stride(0), stride_s, bias is not None, blocked, per_row, block_size,
+           x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0,
+           bias is None or bias.data_ptr() % 16 == 0)
+    _GEMV.launch(
+        key, (triton.cdiv(n, _GEMV_BLOCK_N), 1),
+        (x, weight, scale, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), stride_s,
+         y.stride(0)),
+        {"HAS_BIAS": bias is not None, "BLOCKED": blocked, "PER_ROW": per_row, "BLOCK_M": GEMV_MAX_ROWS,
+         "BLOCK_N": _GEMV_BLOCK_N, "BLOCK_K": _GEMV_BLOCK_K, "SCALE_BN": block_size[0] if blocked else 1,
+         "SCALE_BK": block_size[1] if blocked else 1},
         num_warps=4, num_stages=4,
     )
     return y
+
+
+class _Launcher:
+    """Launch a Triton kernel for a call pattern seen before without Triton's per-call binding.
+
+    ``kernel[grid](...)`` re-derives the arguments' specialization (which integers are 1 or
+    multiples of 16, which pointers are 16-byte aligned), hashes it and looks the compiled kernel
+    up on every call: measured on an H200 host, half of an FP8 Linear's eager host time. The
+    caller names the call pattern with a ``key`` that fixes everything the specialization depends
+    on; the first call of a pattern goes through Triton and keeps the compiled kernel, later ones
+    call its launcher directly, as Triton itself does after the lookup. If that entry point is not
+    the one this Triton has (a launcher that takes different arguments), or a launch hook is set
+    (a profiler), every call goes through Triton.
+    """
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.compiled: dict[tuple, tuple] = {}
+        self.direct = True
+        self.why_not: str | None = None  # why Triton's own launch path is used, if it is
+
+    def launch(self, key: tuple, grid: tuple[int, int], args: tuple, constexprs: dict, **options) -> None:
+        entry = self.compiled.get(key) if self.direct else None
+        if entry is not None:
+            run, function, metadata, tail = entry
+            try:
+                run(grid[0], grid[1], 1, torch._C._cuda_getCurrentRawStream(args[0].device.index), function,
+                    metadata, None, None, None, *args, *tail)
+                return
+            except TypeError as e:  # a launcher with another signature: Triton's own path from now on
+                self.direct, self.why_not = False, f"{type(e).__name__}: {e}"
+        compiled = self.kernel[grid](*args, **constexprs, **options)
+        if self.direct:
+            self._keep(key, compiled, constexprs)
+
+    def _keep(self, key: tuple, compiled, constexprs: dict) -> None:
+        try:
+            from triton import knobs
+
+            hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+            names = list(self.kernel.arg_names)
+            tail = tuple(constexprs[n] for n in names[len(names) - len(constexprs):])
+            entry = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+        except (ImportError, AttributeError, KeyError, TypeError) as e:
+            self.direct, self.why_not = False, f"{type(e).__name__}: {e}"  # a Triton without this entry point
+            return
+        if not all(_no_hook(h) for h in hooks):
+            self.direct, self.why_not = False, "a Triton launch hook is set"
+            return
+        if len(self.compiled) < 4096:
+            self.compiled[key] = entry
+
+
+def _no_hook(hook) -> bool:
+    """Whether a Triton launch hook slot is empty: ``None``, or an empty hook chain (Triton >= 3.5
+    keeps a chain object there, never ``None``)."""
+    if hook is None:
+        return True
+    for attr in ("calls", "hooks", "_hooks"):
+        value = getattr(hook, attr, None)
+        if isinstance(value, list):
+            return not value
+    try:
+        return len(hook) == 0
+    except TypeError:
+        return False  # a hook of a kind not known here: let Triton call it
+
+
+if HAVE_TRITON:
+    _QUANTIZE = _Launcher(_quantize_rows)
+    _GEMV = _Launcher(_fp8_weight_gemv)
 
 
 @functools.lru_cache(maxsize=None)

@@ -194,28 +194,27 @@ def _apply_offload(model, mode):
                                   "group-leaf-stream"])
 def test_every_offload_mode_runs_the_fp8_kernels(family, mode, request, monkeypatch):
     pytest.importorskip("accelerate")
-    import omni_fp8.runtime.fp8_linear as fp8_linear_module
-
     src = request.getfixturevalue({"qwen": "qwen_src", "zimage": "zimage_src"}[family])
     kwargs = {"quantization": "fp8", "quantization_config": {"preset": "none"}, "dtype": torch.bfloat16,
               "progress": False}
     expected = _run_gpu(family, load_transformer(src, device="cuda", **kwargs))
     model = load_transformer(src, **kwargs)  # on the CPU, as offloading starts
-    calls = {"fp8_linear": 0, "emulated": 0}
-    real_linear, real_emulated = fp8_linear_module.fp8_linear, kernels._emulated
-
-    def counting_linear(*args, **kw):
-        calls["fp8_linear"] += 1
-        return real_linear(*args, **kw)
+    calls = {"fp8_gemm": 0, "emulated": 0}
+    real_emulated = kernels._emulated
 
     def counting_emulated(*args, **kw):
         calls["emulated"] += 1
         return real_emulated(*args, **kw)
 
-    monkeypatch.setattr(fp8_linear_module, "fp8_linear", counting_linear)
+    def on_call(layer, inputs, output):  # after the forward: the plan it ran with
+        calls["fp8_gemm"] += inputs[0].is_cuda and layer._gemm_fn is not None
+
     monkeypatch.setattr(kernels, "_emulated", counting_emulated)
+    for layer in model.modules():
+        if isinstance(layer, Fp8Linear):
+            layer.register_forward_hook(on_call)
     _apply_offload(model, mode)
     for _ in range(2):
         out = _run_gpu(family, model)
         assert rel_l2(out, expected) < 1e-3
-    assert calls["fp8_linear"] > 0 and calls["emulated"] == 0, calls
+    assert calls["fp8_gemm"] > 0 and calls["emulated"] == 0, calls

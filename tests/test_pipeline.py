@@ -174,6 +174,10 @@ def test_mag_cache_defaults_are_qwen_images_calibrated_ratios(qwen_pipeline):
     ({"revision": "main"}, ConfigError, "apply to Hub repo ids"),
     ({"device": "cuda:7"}, ConfigError, "device 'cuda:7'"),
     ({"attention_backend": "no-such"}, ConfigError, "attention_backend 'no-such'"),
+    ({"cuda_graphs": "yes"}, ConfigError, "cuda_graphs must be True or False"),
+    ({"cuda_graphs": True, "compile": True}, ConfigError, "does not combine with compile"),
+    ({"cuda_graphs": True, "enable_cpu_offload": True}, ConfigError, "offloading"),
+    ({"cuda_graphs": True, "device": "cpu"}, ConfigError, "cuda_graphs needs a CUDA device"),
 ])
 def test_bad_options_are_refused_by_name(qwen_pipeline, kwargs, error, fragment):
     with pytest.raises(error) as info:
@@ -442,6 +446,7 @@ def test_cli_json_several_prompts(zimage_pipeline, tmp_path):
     (["--prompt", "a", "--output", "cat.bmpx"], "unknown image type '.bmpx'"),
     (["--prompt", "a", "--ulysses-degree", "2"], "torchrun --nproc-per-node 2"),
     (["--prompt", "a", "--num-inference-steps", "0"], "num_inference_steps must be a whole number >= 1"),
+    (["--prompt", "a", "--cuda-graphs", "--compile"], "does not combine with compile"),
 ])
 def test_cli_bad_options_and_prompts_are_one_line_errors(qwen_pipeline, tmp_path, args, fragment, monkeypatch):
     monkeypatch.chdir(tmp_path)

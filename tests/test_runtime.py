@@ -375,3 +375,27 @@ def test_load_quantized_refuses_wrong_tensors():
         layer.load_quantized(torch.zeros(16, 32), torch.ones(()), None)
     with pytest.raises(ValueError, match="cannot take"):
         layer.load_quantized(torch.zeros(8, 32, dtype=torch.float8_e4m3fn), torch.ones(()), None)
+
+
+def test_copies_and_pickles_of_fp8_layers_make_their_own_plan(tmp_path):
+    import copy
+
+    torch.manual_seed(0)
+    layer = Fp8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin._placed_for is None and torch.equal(twin(x), expected)
+    assert twin.weight.data_ptr() != layer.weight.data_ptr()
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_graphs_without_a_gpu_is_a_one_line_error(qwen_src):
+    from omni_fp8 import enable_cuda_graphs
+
+    model = load_transformer(qwen_src, quantization="fp8", progress=False)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        enable_cuda_graphs(model)

@@ -35,7 +35,8 @@ _install_integrations()  # diffusers' from_pretrained reads FP8 folders, peft wr
 __version__ = tool_version()
 
 # TeaCache's hooks subclass diffusers' (importing diffusers.hooks takes seconds): loaded on first use.
-_LAZY = {"TeaCacheConfig": "teacache", "apply_teacache": "teacache", "remove_teacache": "teacache"}
+_LAZY = {"TeaCacheConfig": "teacache", "apply_teacache": "teacache", "remove_teacache": "teacache",
+         "enable_cuda_graphs": "cuda_graphs", "disable_cuda_graphs": "cuda_graphs"}
 
 
 def __getattr__(name: str) -> object:
@@ -55,6 +56,8 @@ __all__ = [
     "TeaCacheConfig",
     "apply_teacache",
     "remove_teacache",
+    "enable_cuda_graphs",
+    "disable_cuda_graphs",
     "load_transformer",
     "quantize_",
     "sensitivity",
