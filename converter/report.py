@@ -54,7 +54,7 @@ def plan_text(plan: Plan, *, table: bool = True) -> str:
     if plan.target != "omni-fp8":
         lines.append(f"Target:   {plan.target}")
     if plan.ignored_layers:
-        hits = ", ".join(f"{p} ({n} Linears)" for p, n in plan.pattern_hits.items())
+        hits = ", ".join(f"{p} ({n} Linear{'s' * (n != 1)})" for p, n in plan.pattern_hits.items())
         lines.append(f"Ignored:  {hits}")
     kept = s["linears"] - s["linears_quantized"]
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["kept_reasons"].items()) if r != "not-linear")

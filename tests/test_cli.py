@@ -28,7 +28,7 @@ def assert_one_line_error(result, fragment: str) -> None:
 def test_convert_prints_plan_and_final_line(qwen_src, tmp_path):
     result = run("convert", qwen_src, tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert "Preset:   qwen-image" in result.stderr and "Ignored:  img_mlp (4 Linears)" in result.stderr
+    assert "Preset:   qwen-image" in result.stderr and "Ignored:  img_in (1 Linear)" in result.stderr
     line = result.stdout.strip()
     assert "\n" not in line and "Linears in FP8" in line and "GB/s" in line and str(tmp_path / "out") in line
     assert (tmp_path / "out" / MANIFEST_NAME).is_file()
@@ -40,7 +40,7 @@ def test_convert_json_and_quiet(qwen_src, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
     data = json.loads(result.stdout)
-    preset = ["img_mlp", "img_in", "txt_in", "time_text_embed", "norm_out", "proj_out"]
+    preset = ["img_in", "txt_in", "time_text_embed", "norm_out", "proj_out"]
     assert data["options"]["ignored_layers"] == [*preset, "to_qkv", "txt_mlp", "re:^proj_out$"]
     assert data["quantization_config"]["weight_block_size"] == [32, 32]
     assert data["linears_quantized"] < data["linears"] and data["output_bytes"] < data["source_bytes"]
@@ -50,14 +50,14 @@ def test_inspect_source_and_converted(qwen_src, tmp_path):
     plan = run("inspect", qwen_src)
     assert plan.exit_code == 0
     assert "transformer_blocks.*.img_mlp.net.0.proj.weight" in plan.stdout
-    assert "kept (ignored:img_mlp)" in plan.stdout and "Size:" in plan.stdout
+    assert "kept (ignored:img_in)" in plan.stdout and "Size:" in plan.stdout
     plan_json = json.loads(run("inspect", qwen_src, "--json", "--preset", "none").stdout)
     assert plan_json["summary"]["linears_quantized"] == plan_json["summary"]["linears"]
     assert {t["scheme"] for t in plan_json["tensors"]} == {"fp8_tensor", "kept"}
 
     run("convert", qwen_src, tmp_path / "out", "--quiet")
     summary = run("inspect", tmp_path / "out")
-    assert summary.exit_code == 0 and "Folder:" in summary.stdout and "24 of 34 in FP8" in summary.stdout
+    assert summary.exit_code == 0 and "Folder:" in summary.stdout and "28 of 34 in FP8" in summary.stdout
     data = json.loads(run("inspect", tmp_path / "out", "--json").stdout)
     assert data["quantization_config"]["quant_method"] == "fp8"
 

@@ -310,8 +310,8 @@ def test_model_card(hub_env, converted):
     assert data["library_name"] == "diffusers" and {"fp8", "omni-fp8"} <= set(data["tags"])
     text = card.text
     for fragment in ('load_transformer("alice/card"', "omni-convert inspect alice/card", "| preset | `qwen-image` |",
-                     "matches `img_mlp` of ignored_layers", "Transformer weights: 664.42 KB -> 435.14 KB",
-                     "24 of 34 Linear layers in FP8", hub_env.hub.repos["org/qwen"].refs["main"]):
+                     "matches `img_in` of ignored_layers", "Transformer weights: 664.42 KB -> 369.62 KB",
+                     "28 of 34 Linear layers in FP8", hub_env.hub.repos["org/qwen"].refs["main"]):
         assert fragment in text, fragment
 
 
