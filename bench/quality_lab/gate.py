@@ -64,11 +64,12 @@ class FakeQuantLinear(nn.Module):
         super().__init__()
         self.kind, self.bias = kind, linear.bias
         w = linear.weight.detach().float()
+        # Scales floored like the FP8 contract's, so an all-zero weight or row stays zero, not NaN.
         if kind == "e5m2":
-            s = w.abs().amax() / 57344.0
+            s = (w.abs().amax() / 57344.0).clamp_min(2.0**-126)
             self.weight = (w / s).to(torch.float8_e5m2).float() * s
         elif kind == "int4":
-            s = w.abs().amax(dim=1, keepdim=True) / 7
+            s = (w.abs().amax(dim=1, keepdim=True) / 7).clamp_min(2.0**-126)
             self.weight = (w / s).round().clamp(-8, 7) * s
         else:
             raise ValueError(kind)

@@ -37,6 +37,12 @@ DIT_CONFIG = {
 CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
 
+def dit_config(blocks: int, heads: int = 4) -> dict:
+    """The lab DiT's config with ``blocks`` blocks of ``heads`` x 32 channels (width ``32 * heads``):
+    heads stay 32 wide, the size the RoPE axes (8 + 12 + 12) are laid out for."""
+    return {**DIT_CONFIG, "num_layers": blocks, "num_attention_heads": heads}
+
+
 def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float [N, 1, 32, 32] in [-1, 1] (28x28 padded with background) and labels [N].
 
@@ -93,20 +99,21 @@ def velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: tor
 
 @torch.no_grad()
 def sample(transformer: nn.Module, text: torch.Tensor, seeds: list[int], *, steps: int = 20,
-           dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Euler sampling of the rectified flow from t=1 (noise) to 0; images [N, 1, 32, 32].
+           dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Euler sampling of the rectified flow from t=1 (noise) to 0; images [N, 1, 32, 32] on the CPU.
 
-    Each seed draws its own noise, so any subset of samples is reproducible.
+    Each seed draws its own noise (on the CPU, so a GPU run starts from the same noise), so any
+    subset of samples is reproducible.
     """
     noise = torch.stack([torch.randn(GRID * GRID, PATCH * PATCH, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    x = noise.to(dtype)
-    text = text.to(dtype)
+    x = noise.to(device=device, dtype=dtype)
+    text = text.to(device=device, dtype=dtype)
     ts = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
-        t = torch.full((x.shape[0],), float(ts[i]), dtype=dtype)
+        t = torch.full((x.shape[0],), float(ts[i]), dtype=dtype, device=device)
         v = velocity(transformer, x, t, text).to(torch.float32)
-        x = (x.to(torch.float32) + (ts[i + 1] - ts[i]) * v).to(dtype)
-    return from_tokens(x.to(torch.float32)).clamp(-1, 1)
+        x = (x.to(torch.float32) + float(ts[i + 1] - ts[i]) * v).to(dtype)
+    return from_tokens(x.to(device="cpu", dtype=torch.float32)).clamp(-1, 1)
 
 
 class LabCNN(nn.Module):
@@ -139,11 +146,11 @@ def load_cnn() -> LabCNN:
     return cnn.eval()
 
 
-def load_class_tokens() -> ClassTokens:
+def load_class_tokens(path: Path = CLASS_TOKENS) -> ClassTokens:
     from safetensors.torch import load_file
 
     tokens = ClassTokens()
-    tokens.load_state_dict(load_file(CLASS_TOKENS))
+    tokens.load_state_dict(load_file(path))
     return tokens.eval()
 
 
@@ -210,6 +217,12 @@ def kid(a: torch.Tensor, b: torch.Tensor) -> float:
 def _sqrtm(m: torch.Tensor) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh((m + m.T) / 2)
     return vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+@torch.no_grad()
+def class_accuracy(cnn: LabCNN, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """How often the lab CNN sees the asked class in a model's samples: does the model draw at all?"""
+    return float((cnn(images).argmax(1) == labels).float().mean())
 
 
 def seeds_and_labels(n: int) -> tuple[list[int], torch.Tensor]:
