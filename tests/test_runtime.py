@@ -105,10 +105,11 @@ def test_quantize_in_memory_matches_loading(qwen_src, block):
                                               progress=False))
 
 
-def test_qwen_preset_keeps_img_mlp_as_linear(qwen_src):
+def test_qwen_preset_keeps_the_edges_as_linear(qwen_src):
     model = load_transformer(qwen_src, quantization="fp8", progress=False)
     block = model.transformer_blocks[0]
-    assert type(block.img_mlp.net[0].proj) is nn.Linear and type(block.img_mlp.net[2]) is nn.Linear
+    assert type(model.img_in) is nn.Linear and type(model.proj_out) is nn.Linear
+    assert isinstance(block.img_mlp.net[0].proj, Fp8Linear) and isinstance(block.img_mlp.net[2], Fp8Linear)
     assert isinstance(block.attn.to_q, Fp8Linear) and isinstance(block.txt_mlp.net[2], Fp8Linear)
     assert type(model).__name__ == "QwenImageTransformer2DModel"
     assert model.dtype == torch.bfloat16  # diffusers reads the first floating parameter: not float8
