@@ -234,8 +234,8 @@ def main() -> None:
                 results.setdefault(name, {}).setdefault(regime, []).append(r)
                 status = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']}): {r['stderr_tail'][-300:]}"
                 note = f", {resident / 2**20:.0f} MiB of the source still cached" if regime == "cold" else ""
-                print(f"[{rep + 1}/{args.repeat} {regime}] {name}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), "
-                      f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {status}{note}", flush=True)
+                print(f"[{rep + 1}/{args.repeat} {regime}] {name}: {r['seconds']:.1f} s "
+                      f"({r['cpu_seconds']:.1f} s CPU), peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {status}{note}", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
 
     print()

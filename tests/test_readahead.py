@@ -78,7 +78,11 @@ def test_a_model_in_the_hugging_face_cache_reads_ahead_through_its_links(qwen_sr
     _, snapshot = hf_cache_copy(qwen_src, tmp_path / "hub", "org/tiny")
     opened: list[str] = []
     real_open = os.open
-    monkeypatch.setattr(readahead.os, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    def recording_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(readahead.os, "open", recording_open)
     monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 8 * PAGE)
     convert(snapshot, tmp_path / "out", progress=False)
     assert any(p.startswith(str(snapshot)) for p in opened)
