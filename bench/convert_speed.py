@@ -1,7 +1,8 @@
 """Conversion speed and peak memory: omni-convert against llm-compressor and a naive script.
 
 Writes a real-width Qwen-Image checkpoint with few blocks (8 blocks = 5.5 GB BF16 in 2 GB shards),
-then converts it, each tool in its own process with the source warm in the page cache:
+then converts it, each tool in its own process with the source warm in the page cache (with
+``--cold``: evicted from it, and warm too, each tool both ways):
 
 * omni-fp8      ``omni-convert convert SRC OUT --preset none`` (every aligned Linear, per-tensor)
 * llm-compressor ``model_free_ptq(SRC, OUT, scheme="FP8_DYNAMIC", ignore=["re:.*norm.*"])`` with
@@ -10,17 +11,32 @@ then converts it, each tool in its own process with the source warm in the page 
 * naive         ``load_file`` a shard, quantize with the one-liner, ``save_file`` it
 
 and prints wall time, GB/s of source and peak RSS (``ru_maxrss`` of the child) with ratios
-against omni-fp8. Timings vary run to run on shared machines; compare ratios within one run.
+against omni-fp8. Timings vary run to run on shared machines; compare ratios within one run, and
+use ``--repeat`` for min / median / max.
+
+``--cold`` evicts the source from the page cache before each cold run (``posix_fadvise(DONTNEED)``
+after ``sync``; no root needed) and checks with ``mincore`` that nothing of it stayed resident. It
+also measures the disk itself first, reading a source shard and writing a scratch file with
+``O_DIRECT`` (no page cache either way), so the cold rates can be read against what the disk
+gives. omni-fp8's streaming rate is its source bytes over its time minus its start-up (imports
+and the plan), measured as ``omni-convert inspect`` of the same source.
+
+Peak RSS counts the pages of the source a process has mapped and touched (omni-fp8 maps one
+tensor at a time), not the page cache it does not map.
 
     python bench/convert_speed.py --blocks 8 --llmc-python .bench/llmc-venv/bin/python
+    python bench/convert_speed.py --blocks 8 --cold --repeat 3 --skip-naive
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,28 +73,100 @@ model_free_ptq(sys.argv[1], sys.argv[2], scheme="FP8_DYNAMIC", ignore=["re:.*nor
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run a command under ``/usr/bin/time``: wall seconds, peak RSS (bytes) and exit status.
+    """Run a command under ``/usr/bin/time``: wall seconds, peak RSS (bytes), CPU seconds and exit status.
 
     GNU time forks the command from its own small process, so the peak RSS is the command's
     alone (a child forked straight from this process would inherit this process's peak).
     """
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd],
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", report.name, *cmd],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         seconds = time.perf_counter() - start
-        peak_kib = int(report.read().strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_rss": peak_kib * 1024, "returncode": proc.returncode,
-            "stderr_tail": proc.stderr.decode(errors="replace")[-2000:]}
+        peak_kib, user, system = report.read().strip().splitlines()[-1].split()
+    return {"seconds": seconds, "peak_rss": int(peak_kib) * 1024, "cpu_seconds": float(user) + float(system),
+            "returncode": proc.returncode, "stderr_tail": proc.stderr.decode(errors="replace")[-2000:]}
 
 
-def warm(folder: Path) -> None:
-    """Read every file once so each tool starts with the source in the page cache."""
+def warm(folder: Path) -> int:
+    """Read every file once so each tool starts with the source in the page cache; return its size."""
+    total = 0
     for path in folder.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
-                while f.read(64 << 20):
-                    pass
+                while chunk := f.read(64 << 20):
+                    total += len(chunk)
+    return total
+
+
+def evict(folder: Path) -> int:
+    """Drop ``folder``'s files from the page cache; return the bytes still resident (mapped elsewhere)."""
+    os.sync()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return sum(resident_bytes(p) for p in folder.rglob("*") if p.is_file())
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of a file is in the page cache (``mincore`` of a mapping of it; Linux)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    pages = -(-size // mmap.PAGESIZE)
+    vec = ctypes.create_string_buffer(pages)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) * mmap.PAGESIZE
+
+
+def disk_bandwidth(read_path: Path, scratch: Path, write_bytes: int = 2 << 30) -> tuple[float, float]:
+    """GB/s reading ``read_path`` and writing ``write_bytes`` to ``scratch``, both with ``O_DIRECT``.
+
+    Neither goes through the page cache, so this is the device (and whatever the host caches
+    below a VM's disk), not memory. The scratch file is fsynced, then deleted.
+    """
+    block = 16 << 20
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT wants
+    buf.write(os.urandom(block))
+    fd = os.open(read_path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        start, got = time.perf_counter(), 0
+        while n := os.readv(fd, [buf]):
+            got += n
+        read_rate = got / (time.perf_counter() - start) / 1e9
+    finally:
+        os.close(fd)
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        start = time.perf_counter()
+        for _ in range(write_bytes // block):
+            os.write(fd, buf)
+        os.fsync(fd)
+        write_rate = write_bytes / (time.perf_counter() - start) / 1e9
+    finally:
+        os.close(fd)
+        scratch.unlink()
+    return read_rate, write_rate
 
 
 def folder_bytes(folder: Path) -> int:
@@ -92,6 +180,9 @@ def main() -> None:
     parser.add_argument("--llmc-python", default=".bench/llmc-venv/bin/python",
                         help="Python of a venv with llmcompressor installed (skipped if missing)")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--cold", action="store_true",
+                        help="run every tool with the source evicted from the page cache, and warm; measure the disk")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and regime (min / median / max)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -115,29 +206,57 @@ def main() -> None:
     if args.skip_naive:
         del runs["naive load/save"]
 
-    results = {}
-    for name, cmd in runs.items():
-        out = args.workdir / ("out-" + name.replace(" ", "-").replace("/", "-"))
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()  # no write-back of the previous run competes with this one
-        warm(src)
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        r = run_measured([c.replace("{out}", str(out)) for c in cmd], env=env)
-        r["output_bytes"] = folder_bytes(out) if out.exists() else 0
-        results[name] = r
-        status = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']}): {r['stderr_tail'][-300:]}"
-        print(f"{name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {status}", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+    regimes = ("warm", "cold") if args.cold else ("warm",)
+    if args.cold:
+        shard = max(src.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+        read_rate, write_rate = disk_bandwidth(shard, args.workdir / "out-disk-test")
+        print(f"disk (O_DIRECT): read {read_rate:.2f} GB/s ({shard.name}), write {write_rate:.2f} GB/s (2 GiB)",
+              flush=True)
+    # omni-fp8's fixed start-up (imports, the model on the meta device, the plan), to tell it from streaming.
+    startup_cmd = [sys.executable, "-m", "omni_fp8.converter.cli", "inspect", str(src), "--preset", "none", "--json"]
 
-    base = results["omni-fp8"]
+    results: dict[str, dict[str, list[dict]]] = {}
+    startup: dict[str, list[float]] = {}
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    for rep in range(args.repeat):
+        for regime in regimes:
+            os.sync()
+            resident = evict(src) if regime == "cold" else warm(src)
+            startup.setdefault(regime, []).append(run_measured(startup_cmd, env=env)["seconds"])
+            for name, cmd in runs.items():
+                out = args.workdir / ("out-" + name.replace(" ", "-").replace("/", "-"))
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # no write-back of the previous run competes with this one
+                resident = evict(src) if regime == "cold" else warm(src)
+                r = run_measured([c.replace("{out}", str(out)) for c in cmd], env=env)
+                r["output_bytes"] = folder_bytes(out) if out.exists() else 0
+                r["resident_before"] = resident
+                results.setdefault(name, {}).setdefault(regime, []).append(r)
+                status = "ok" if r["returncode"] == 0 else f"FAILED ({r['returncode']}): {r['stderr_tail'][-300:]}"
+                note = f", {resident / 2**20:.0f} MiB of the source still cached" if regime == "cold" else ""
+                print(f"[{rep + 1}/{args.repeat} {regime}] {name}: {r['seconds']:.1f} s "
+                      f"({r['cpu_seconds']:.1f} s CPU), peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {status}{note}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+
     print()
-    print(f"{'tool':<18} {'seconds':>8} {'GB/s':>6} {'peak RSS':>10} {'output':>9} {'time vs omni-fp8':>17}")
-    for name, r in results.items():
-        print(f"{name:<18} {r['seconds']:>8.1f} {source_bytes / r['seconds'] / 1e9:>6.2f} "
-              f"{r['peak_rss'] / 2**20:>7.0f} MiB {r['output_bytes'] / 1e9:>6.2f} GB "
-              f"{r['seconds'] / base['seconds']:>16.2f}x")
+    print(f"{'tool':<18} {'cache':<5} {'seconds min/med/max':>20} {'GB/s':>5} {'streaming':>9} {'peak RSS':>9} "
+          f"{'output':>8} {'time vs omni-fp8':>16}")
+    for regime in regimes:
+        base = statistics.median(r["seconds"] for r in results["omni-fp8"][regime])
+        fixed = statistics.median(startup[regime])
+        for name, per_regime in results.items():
+            rs = per_regime[regime]
+            secs = sorted(r["seconds"] for r in rs)
+            med = statistics.median(secs)
+            stream = f"{source_bytes / (med - fixed) / 1e9:>9.2f}" if name == "omni-fp8" else f"{'':>9}"
+            print(f"{name:<18} {regime:<5} {secs[0]:>6.1f} {med:>6.1f} {secs[-1]:>6.1f} "
+                  f"{source_bytes / med / 1e9:>5.2f} {stream} {max(r['peak_rss'] for r in rs) / 2**20:>5.0f} MiB "
+                  f"{rs[0]['output_bytes'] / 1e9:>5.2f} GB {med / base:>15.2f}x")
+        print(f"{'(omni start-up)':<18} {regime:<5} {min(startup[regime]):>6.1f} {fixed:>6.1f} "
+              f"{max(startup[regime]):>6.1f}   (omni-convert inspect: imports and plan, no tensor read)")
     if args.json:
-        args.json.write_text(json.dumps({"source_bytes": source_bytes, "blocks": args.blocks, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"source_bytes": source_bytes, "blocks": args.blocks, "startup": startup,
+                                         "results": results}, indent=2))
 
 
 if __name__ == "__main__":

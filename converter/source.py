@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
-from . import hub
+from . import hub, readahead
 from .errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -229,9 +229,18 @@ class Source:
         return self.files.downloading(paths, progress=progress)
 
     @contextmanager
-    def open_reader(self) -> Iterator[_Reader]:
-        """Yield a reader that returns one tensor at a time, keeping shard files open."""
-        reader = _Reader(self.files)
+    def open_reader(self, order: Sequence[TensorInfo] | None = None) -> Iterator[_Reader]:
+        """Yield a reader that returns one tensor at a time, keeping shard files open.
+
+        ``order`` is the order the job will read tensors in (default: file order). A thread reads
+        them ahead of the job, a bounded number of bytes at a time (``readahead.py``), so a
+        checkpoint that is not in the page cache streams off the disk while the job computes.
+        """
+        budget = readahead.DEFAULT_BUDGET
+        ahead = None
+        if budget > 0:
+            ahead = readahead.Readahead(self.tensors if order is None else order, budget=budget, locate=_ready)
+        reader = _Reader(self.files, ahead)
         try:
             yield reader
         finally:
@@ -239,20 +248,31 @@ class Source:
 
 
 class _Reader:
-    def __init__(self, files: FileSet) -> None:
+    def __init__(self, files: FileSet, ahead: readahead.Readahead | None = None) -> None:
         self._files: dict[Path, BinaryIO] = {}
         self._fetch = files.fetch
+        self._ahead = ahead
 
     def read(self, info: TensorInfo) -> torch.Tensor:
+        if self._ahead is not None:
+            self._ahead.reached(info)
         f = self._files.get(info.file)
         if f is None:
             f = self._files[info.file] = open(self._fetch(info.file), "rb")
         return read_tensor(f, info)
 
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()  # first: the thread may be reading these files
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _ready(path: Path) -> Path | None:
+    """A shard the read-ahead may open now: a Hub shard still downloading is not (its link appears when
+    it is complete), and is in the page cache once it is."""
+    return path if path.is_file() else None
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -250,7 +250,7 @@ def write_file(
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(torch_threads, (os.cpu_count() or 2) - 1)))
     try:
-        with plan.source.open_reader() as reader:
+        with plan.source.open_reader(order=[p.source for t in tensors for p in t.parts]) as reader:
             scales = SharedScales(plan, reader)
             for t in tensors:
                 writer.write(t.name, _file_tensor(t, reader, scales))
