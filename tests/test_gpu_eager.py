@@ -7,21 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from test_gpu import needs_fp8, pytestmark, rel_l2  # noqa: F401 - the GPU marks and the error measure
+
 from omni_fp8 import Fp8Linear, disable_cuda_graphs, enable_cuda_graphs, load_transformer
 from omni_fp8.converter.numerics import quantize_activation
 from omni_fp8.runtime import kernels
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-needs_fp8 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.device_has_fp8("cuda")), reason="needs a GPU with FP8 GEMMs"
-)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 @pytest.mark.parametrize("group", [0, 128])
