@@ -166,6 +166,8 @@ def eager_linear(layer) -> Callable | None:
         shape = x.shape
         x2 = x.reshape(-1, k)
         bias = params["bias"]  # looked up per call: offloading may swap the bias alone
+        if bias is not None and bias.dtype != bf16:
+            bias = bias.to(bf16)  # a float32 model called with BF16 activations: the GEMM adds BF16
         if gemv is not None and x2.shape[0] <= GEMV_MAX_ROWS:
             y = gemv(x2, weight, scale, bias, None)
         else:
