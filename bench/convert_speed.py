@@ -3,7 +3,9 @@
 Writes a real-width Qwen-Image checkpoint with few blocks (8 blocks = 5.5 GB BF16 in 2 GB shards),
 then converts it, each tool in its own process with the source warm in the page cache:
 
-* omni-fp8      ``omni-convert convert SRC OUT --preset none`` (every aligned Linear, per-tensor)
+* omni-fp8      ``omni-convert convert SRC OUT --preset none`` (every aligned Linear, per-tensor),
+                first with an empty model-structure cache (``OMNI_FP8_CACHE``: the model is built
+                with diffusers, as on a first conversion), then again with the structure cached
 * llm-compressor ``model_free_ptq(SRC, OUT, scheme="FP8_DYNAMIC", ignore=["re:.*norm.*"])`` with
                  its default ``max_workers=1`` and with 2 ("x2"), run with the Python of a separate
                  venv (``--llmc-python``; it is not a dependency)
@@ -102,9 +104,11 @@ def main() -> None:
     print(f"source: {src} ({source_bytes / 1e9:.2f} GB, {len(list(src.glob('*.safetensors')))} shards; "
           f"ready in {time.perf_counter() - t0:.0f} s)", flush=True)
 
+    omni = [sys.executable, "-m", "omni_fp8.converter.cli", "convert", str(src), "{out}",
+            "--preset", "none", "--quiet", "--max-shard-size", "2GB"]
     runs = {
-        "omni-fp8": [sys.executable, "-m", "omni_fp8.converter.cli", "convert", str(src), "{out}",
-                     "--preset", "none", "--quiet", "--max-shard-size", "2GB"],
+        "omni-fp8": omni,
+        "omni-fp8 cached": omni,
         "llm-compressor": [args.llmc_python, "-c", LLMC, str(src), "{out}", "1"],
         "llm-compressor x2": [args.llmc_python, "-c", LLMC, str(src), "{out}", "2"],
         "naive load/save": [sys.executable, "-c", NAIVE, str(src), "{out}"],
@@ -116,12 +120,14 @@ def main() -> None:
         del runs["naive load/save"]
 
     results = {}
+    structure_cache = args.workdir / "structure-cache"  # empty for "omni-fp8", filled by it for "cached"
+    shutil.rmtree(structure_cache, ignore_errors=True)
     for name, cmd in runs.items():
         out = args.workdir / ("out-" + name.replace(" ", "-").replace("/", "-"))
         shutil.rmtree(out, ignore_errors=True)
         os.sync()  # no write-back of the previous run competes with this one
         warm(src)
-        env = {**os.environ, "TQDM_DISABLE": "1"}
+        env = {**os.environ, "TQDM_DISABLE": "1", "OMNI_FP8_CACHE": str(structure_cache)}
         r = run_measured([c.replace("{out}", str(out)) for c in cmd], env=env)
         r["output_bytes"] = folder_bytes(out) if out.exists() else 0
         results[name] = r
@@ -129,6 +135,7 @@ def main() -> None:
         print(f"{name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, {status}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
+    shutil.rmtree(structure_cache, ignore_errors=True)
     base = results["omni-fp8"]
     print()
     print(f"{'tool':<18} {'seconds':>8} {'GB/s':>6} {'peak RSS':>10} {'output':>9} {'time vs omni-fp8':>17}")
