@@ -9,10 +9,10 @@ That is most of what converting, inspecting or checking a small model costs.
 
 The structure is a function of the class, the config and the code that builds it, so the first
 build of a config is written to the cache and later runs read it instead of importing diffusers.
-An entry is used only when its inputs are exactly these: the same class name, the same config, the
-same diffusers and torch versions, and every source file of the model's module classes unchanged
-(size and modification time, as Python checks its bytecode caches), so an upgraded or edited
-diffusers builds again. Anything wrong with an entry (unreadable, malformed, stale) is a miss, and
+An entry is used only when its inputs are exactly these: the same class name, the same config,
+the same diffusers and torch (version and install location), and every source file of the
+model's module classes unchanged (size and modification time, as Python checks its bytecode
+caches), so an upgraded, switched or edited diffusers builds again. Anything wrong with an entry (unreadable, malformed, stale) is a miss, and
 a cache that cannot be written is skipped: it never changes a result, only how soon it comes.
 
 ``OMNI_FP8_CACHE`` names the folder (default ``$XDG_CACHE_HOME/omni-fp8``, else
@@ -22,6 +22,7 @@ a cache that cannot be written is skipped: it never changes a result, only how s
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -93,11 +94,22 @@ def _inputs(class_name: str, config: Mapping[str, Any]) -> tuple[str, dict[str, 
     """The entry's key and everything it was built from; ``None`` when they cannot be pinned down."""
     try:
         versions = {name: metadata.version(name) for name in ("diffusers", "torch")}
-        inputs = {"format": FORMAT, "class_name": class_name, "versions": versions, "config": dict(config)}
+        where = {name: _location(name) for name in ("diffusers", "torch")}  # which install, when several
+        inputs = {"format": FORMAT, "class_name": class_name, "versions": versions, "packages": where,
+                  "config": dict(config)}
         text = json.dumps(inputs, sort_keys=True, allow_nan=False)
     except (metadata.PackageNotFoundError, TypeError, ValueError):
         return None  # a source-tree diffusers without metadata, or a config that is not plain JSON
     return hashlib.sha256(text.encode()).hexdigest()[:32], json.loads(text)
+
+
+def _location(package: str) -> str:
+    """The file a package would be imported from, without importing it (``sys.modules`` first)."""
+    module = sys.modules.get(package)
+    spec = getattr(module, "__spec__", None) if module is not None else importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"{package} cannot be located")
+    return spec.origin
 
 
 def load_cached(class_name: str, config: Mapping[str, Any]) -> ModelStructure | None:

@@ -69,7 +69,8 @@ def _entry(cache):
     return path, json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("damage", ["stale file", "other diffusers", "bad json", "bad shape", "missing file"])
+@pytest.mark.parametrize("damage", ["stale file", "other diffusers", "other install", "bad json", "bad shape",
+                                    "missing file"])
 def test_a_stale_or_damaged_entry_is_built_again(qwen_src, cache, monkeypatch, damage):
     source = open_source(qwen_src)
     built = model_structure(source.class_name, source.config)
@@ -79,6 +80,8 @@ def test_a_stale_or_damaged_entry_is_built_again(qwen_src, cache, monkeypatch, d
         entry["files"][some][0] += 1
     elif damage == "other diffusers":
         entry["inputs"]["versions"]["diffusers"] = "0.0.1"
+    elif damage == "other install":  # the same version installed elsewhere, e.g. another venv on PYTHONPATH
+        entry["inputs"]["packages"]["diffusers"] = "/elsewhere/diffusers/__init__.py"
     elif damage == "bad shape":
         entry["structure"]["tensors"][next(iter(entry["structure"]["tensors"]))] = [-1]
     elif damage == "missing file":
@@ -90,7 +93,9 @@ def test_a_stale_or_damaged_entry_is_built_again(qwen_src, cache, monkeypatch, d
     monkeypatch.setattr(plan_module, "meta_model", lambda *a: calls.append(a) or real(*a))
     assert model_structure(source.class_name, source.config) == built
     assert len(calls) == 1
-    assert _entry(cache)[1]["inputs"]["versions"]["diffusers"] != "0.0.1"  # rewritten, usable again
+    inputs = _entry(cache)[1]["inputs"]  # rewritten, usable again
+    assert inputs["versions"]["diffusers"] != "0.0.1" and inputs["packages"]["diffusers"].startswith(os.sep)
+    assert "elsewhere" not in inputs["packages"]["diffusers"]
 
 
 def test_cache_off_or_unwritable_changes_nothing(qwen_src, tmp_path, monkeypatch):
