@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConfigError, OmniFp8Error
 from .export_comfyui import Z_IMAGE_RENAMES
 from .options import SINGLE_FILE_TARGETS, TARGETS, parse_path
-from .plan import compile_patterns, encoder_linears, linear_shapes, meta_model
+from .plan import compile_patterns, encoder_linears, model_structure
 from .safetensors_format import TensorInfo, read_header, read_tensor
 from .source import Source, open_source
 from .targets import QWEN_IMAGE, Z_IMAGE, fused_groups, rules_for
@@ -93,8 +93,7 @@ def _check_folder(source: Source, target: str, report: CheckReport) -> None:
         report.problems.append(f"quantization_config is not an fp8 one ({qc!r:.80}); these rules do not apply")
         return
     block = qc.get("weight_block_size")
-    model = meta_model(source.class_name, source.config)
-    shapes = linear_shapes(model)
+    shapes = model_structure(source.class_name, source.config).linears
     for name in shapes:
         if name in fp8:
             scale = infos.get(f"{name}.weight_scale_inv" if block else f"{name}.weight_scale")

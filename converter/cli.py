@@ -142,7 +142,7 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
     from pathlib import Path
 
     from .layouts import read_layout
-    from .plan import linear_shapes, meta_model
+    from .plan import model_structure
     from .report import layout_json, layout_text, plan_json, plan_text, source_label
 
     folder = Path(path)
@@ -155,7 +155,7 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
     if (source.root / MANIFEST_NAME).is_file() and source.origin.get("type") == "hub":
         _show_converted(source.root, source_label(source.origin), *plan_flags, as_json)
         return
-    layout = read_layout(source, linear_shapes(meta_model(source.class_name, source.config)))
+    layout = read_layout(source, model_structure(source.class_name, source.config).linears)
     if layout is not None:
         _refuse_plan_flags(str(folder), "an FP8 checkpoint", *plan_flags)
         if as_json:

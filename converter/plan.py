@@ -2,7 +2,8 @@
 
 The decision comes from the model, not from tensor names: the diffusers class named in
 ``config.json`` is built on the meta device (no memory) and its ``nn.Linear`` modules are the
-candidates. A Linear weight is quantized when both its dims are multiples of 16 (what FP8 GEMMs
+candidates; what the plan reads from it (``ModelStructure``) is cached, so a config built before
+needs no diffusers import (``structure.py``). A Linear weight is quantized when both its dims are multiples of 16 (what FP8 GEMMs
 accept) and no ``ignored_layers`` pattern matches it. Every other tensor is kept, with a reason
 the manifest records: ``ignored:<pattern>``, ``dtype-read`` (the model's code reads the weight's dtype), ``unaligned`` or
 ``not-linear``.
@@ -33,6 +34,7 @@ from .options import ALIGNMENT, DEFAULT_TARGET, Fp8Config, parse_dtype, parse_ta
 from .presets import Preset, resolve_preset
 from .safetensors_format import TensorInfo
 from .source import Source, open_source
+from .structure import ModelStructure, load_cached, store
 from .targets import FUSED_BLOCK_SHAPE, FUSED_GROUP, KEPT_BY_TARGET, TargetRules, fused_groups, rules_for
 
 __all__ = [
@@ -46,6 +48,9 @@ __all__ = [
     "dtype_read_linears",
     "meta_model",
     "empty_model",
+    "ModelStructure",
+    "model_structure",
+    "structure_of",
     "OutputTensor",
     "TensorPlan",
     "Plan",
@@ -189,16 +194,19 @@ class LinearPlan(NamedTuple):
     ignored_layers: tuple[str, ...]
 
 
-def decide_linears(model: nn.Module, config: Fp8Config, *, class_name: str | None = None) -> LinearPlan:
+def decide_linears(
+    model: nn.Module | ModelStructure, config: Fp8Config, *, class_name: str | None = None
+) -> LinearPlan:
     """The decisions for ``model`` under ``config``: the preset of its class, the patterns,
     alignment and the layers whose dtype its forward reads. The converter, the loader,
     ``quantize_`` and the sensitivity study all decide through here."""
-    class_name = class_name or type(model).__name__
+    structure = model if isinstance(model, ModelStructure) else structure_of(model)
+    class_name = class_name or structure.class_name
     config = Fp8Config.coerce(config)
     preset = resolve_preset(config.preset, class_name)
     ignored = tuple(dict.fromkeys((*(preset.ignored_layers if preset else ()), *config.ignored_layers)))
-    shapes = linear_shapes(model)
-    decisions = plan_linears(shapes, config, ignored, class_name=class_name, dtype_read=dtype_read_linears(model))
+    shapes = dict(structure.linears)
+    decisions = plan_linears(shapes, config, ignored, class_name=class_name, dtype_read=structure.dtype_read)
     return LinearPlan(shapes, decisions, preset, ignored)
 
 
@@ -247,6 +255,33 @@ def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
         if owner is None or name == f"{owner}.base_layer":
             shapes[name] = (m.out_features, m.in_features)
     return shapes
+
+
+def structure_of(model: nn.Module, class_name: str | None = None) -> ModelStructure:
+    """What the plan reads from ``model``: its tensors' shapes, its Linears, the dtype-read ones."""
+    return ModelStructure(
+        class_name=class_name or type(model).__name__,
+        tensors={name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()},
+        linears=linear_shapes(model),
+        dtype_read=frozenset(dtype_read_linears(model)),
+    )
+
+
+def model_structure(class_name: str, config: Mapping[str, Any]) -> ModelStructure:
+    """The structure of the diffusers class named in ``config.json``, built from ``config``.
+
+    Read from the cache when this exact config was built before by the same code (see
+    ``structure.py``), which spares importing diffusers; otherwise built on the meta device and
+    remembered. Errors are ``meta_model``'s: a config that fails to build is never cached.
+    """
+    config = {k: v for k, v in config.items() if k != "quantization_config"}  # the build ignores it
+    cached = load_cached(class_name, config)
+    if cached is not None:
+        return cached
+    model = meta_model(class_name, config)
+    structure = structure_of(model, class_name)
+    store(class_name, config, structure, {type(m) for m in model.modules()})
+    return structure
 
 
 def meta_model(class_name: str, config: Mapping[str, Any]) -> nn.Module:
@@ -470,7 +505,7 @@ def make_plan(
     config: Fp8Config | Mapping[str, Any] | None = None,
     *,
     dtype: torch.dtype | None = None,
-    model: nn.Module | None = None,
+    model: nn.Module | ModelStructure | None = None,
     target: str | None = None,
 ) -> Plan:
     """Decide every tensor of ``source`` under ``config``.
@@ -478,8 +513,8 @@ def make_plan(
     Args:
         dtype: Cast the tensors that stay high precision to this dtype (``torch.bfloat16``);
             ``None`` keeps each tensor's own dtype, byte for byte.
-        model: The model already built from ``source.config`` (the loader has one); by default a
-            meta-device instance is built for the plan.
+        model: The model already built from ``source.config`` (the loader has one); by default
+            its structure, from the cache or built on the meta device (``model_structure``).
         target: The engine the output is for (``omni-fp8``, the default; ``vllm-omni``,
             ``comfyui``, ``diffusers``): its rules adjust the decisions (see ``targets.py``).
     """
@@ -488,9 +523,12 @@ def make_plan(
     config = Fp8Config.coerce(config)
     dtype = parse_dtype(dtype)
     target = parse_target(target, weight_block_size=config.weight_block_size)
-    model = model if model is not None else meta_model(source.class_name, source.config)
-    check_tensors_match(source, model)  # first: a wrong config must not surface as a pattern error
-    shapes, decisions, preset, ignored = decide_linears(model, config, class_name=source.class_name)
+    if model is None:
+        structure = model_structure(source.class_name, source.config)
+    else:
+        structure = model if isinstance(model, ModelStructure) else structure_of(model, source.class_name)
+    check_tensors_match(source, structure)  # first: a wrong config must not surface as a pattern error
+    shapes, decisions, preset, ignored = decide_linears(structure, config, class_name=source.class_name)
     rules = rules_for(target, source.class_name)
     decisions, fused = apply_target(target, rules, shapes, decisions, config.weight_block_size)
     shared = {part: name for name, parts in fused.items() for part in parts
@@ -601,14 +639,17 @@ def encoder_linears(folder: os.PathLike[str] | str) -> tuple[str, ...]:
     return tuple(name for name, m in encoder.named_modules() if isinstance(m, nn.Linear))
 
 
-def check_tensors_match(source: Source, model: nn.Module) -> None:
+def check_tensors_match(source: Source, model: nn.Module | ModelStructure) -> None:
     """Every tensor the model loads is in the checkpoint with the model's shape, and nothing else is.
 
     Checked before anything is read or written: a config.json that does not describe the weights
     (one block too few, a bias of shape [0]) would otherwise convert "successfully" into a folder
     that no loader accepts.
     """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    if isinstance(model, ModelStructure):
+        expected = dict(model.tensors)
+    else:
+        expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     infos = {t.name: t for t in source.tensors}
     cls = source.class_name
     extra = [n for n in infos if n not in expected]

@@ -68,6 +68,16 @@ def tree_digest(folder: Path) -> dict[str, str]:
     return digest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def structure_cache(tmp_path_factory) -> Path:
+    """The model-structure cache of this test run (the CLI subprocesses inherit it), never the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("omni-fp8-cache")
+    os.environ["OMNI_FP8_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def qwen_src(tmp_path_factory) -> Path:
     """Tiny Qwen-Image transformer, BF16, four shards plus index."""
