@@ -154,10 +154,10 @@ def time_model(model, args_, kwargs, mode: str, warmup: int, repeat: int) -> tup
     Modes: ``eager``; ``graphs`` (eager blocks replayed as CUDA graphs, ``enable_cuda_graphs``);
     a torch.compile mode (``default``, ``max-autotune-no-cudagraphs``) of the repeated blocks.
     """
-    from omni_fp8.runtime.cuda_graphs import disable_cuda_graphs, enable_cuda_graphs
+    from omni_fp8.runtime.cuda_graphs import disable_cuda_graphs, enable_cuda_graphs, repeated_blocks
 
     torch._dynamo.reset()
-    for block in _blocks(model):
+    for block in repeated_blocks(model):
         block._compiled_call_impl = None  # back to eager
     compile_s = 0.0
     with torch.no_grad():
@@ -219,11 +219,6 @@ def profile(fn, label: str, top: int = 12) -> None:
     print(f"    profile {label}: GPU kernels {total / 1e3:.1f} ms in {sum(e.count for e in events)} launches")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         print(f"      {e.self_device_time_total / 1e3:7.2f} ms {e.count:5d}x  {e.key[:90]}")
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    names = set(getattr(model, "_repeated_blocks", []))
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def linear_shapes(model, args_, kwargs) -> Counter:
@@ -358,7 +353,6 @@ def quantized(name: str, variant: str, a) -> nn.Module:
             for layer in model.modules():
                 if isinstance(layer, Fp8Linear):
                     layer.fast_accum = True
-                    layer._place()
         return model
     chosen = [n for n, d in decide_linears(model, config).decisions.items() if d.quantized]
     with torch.no_grad():

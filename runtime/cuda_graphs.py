@@ -58,23 +58,23 @@ def enable_cuda_graphs(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"enable_cuda_graphs takes a torch model, not {type(model).__name__}.")
-    if not torch.cuda.is_available():
-        raise ConfigError("enable_cuda_graphs needs a CUDA GPU; without one, run the model as it is.")
-    blocks = _repeated_blocks(model)
+    blocks = repeated_blocks(model)
     from diffusers.hooks import HookRegistry
 
-    shared = _Shared()
-    for block in blocks:
-        registry = HookRegistry.check_if_exists_or_initialize(block)
-        if HOOK_NAME in registry.hooks:
-            continue
+    registries = [HookRegistry.check_if_exists_or_initialize(block) for block in blocks]
+    for block, registry in zip(blocks, registries):  # all checked before any is changed
         others = [name for name in registry.hooks if name != HOOK_NAME]
         if others:
             raise ConfigError(
                 f"enable_cuda_graphs: the {type(block).__name__} blocks already have hooks ({', '.join(others)}); "
                 "enable CUDA graphs first, then caches, so that the cache decides around the graph."
             )
-        registry.register_hook(_hook(shared), HOOK_NAME)
+    if not torch.cuda.is_available():
+        raise ConfigError("enable_cuda_graphs needs a CUDA GPU; without one, run the model as it is.")
+    shared = _Shared()
+    for registry in registries:
+        if HOOK_NAME not in registry.hooks:
+            registry.register_hook(_hook(shared), HOOK_NAME)
     return model
 
 
@@ -82,19 +82,21 @@ def disable_cuda_graphs(model: nn.Module) -> nn.Module:
     """Remove the hooks and free every graph and its memory pool."""
     from diffusers.hooks import HookRegistry
 
-    for block in _repeated_blocks(model):
+    for block in repeated_blocks(model):
         registry = HookRegistry.check_if_exists_or_initialize(block)
         if HOOK_NAME in registry.hooks:
             registry.remove_hook(HOOK_NAME, recurse=False)
     return model
 
 
-def _repeated_blocks(model: nn.Module) -> list[nn.Module]:
+def repeated_blocks(model: nn.Module, purpose: str = "enable_cuda_graphs") -> list[nn.Module]:
+    """The blocks diffusers' ``compile_repeated_blocks`` would compile (the classes the model names
+    in ``_repeated_blocks``); a one-line error naming ``purpose`` if there are none."""
     names = set(getattr(model, "_repeated_blocks", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise ConfigError(
-            f"enable_cuda_graphs: {type(model).__name__} names no repeated transformer blocks (_repeated_blocks); "
+            f"{purpose}: {type(model).__name__} names no repeated transformer blocks (_repeated_blocks); "
             "pass the pipeline's transformer."
         )
     return blocks

@@ -34,12 +34,12 @@ class Fp8Linear(nn.Module):
         dtype: dtype of the bias (the compute dtype); the output takes the input's dtype.
         force_fp8_gemm: Refuse to run on a device without FP8 matmuls instead of emulating them.
 
-    ``fast_accum = True`` (an attribute; set it, then the layer re-plans at its next forward) lets
-    cuBLASLt accumulate per-tensor/per-channel GEMMs in its faster, less exact mode, as diffusers'
-    ``fp8r`` layer does. Off by default; bench/RESULTS.md has what it gains and costs.
+    ``layer.fast_accum = True`` lets cuBLASLt accumulate per-tensor/per-channel GEMMs in its
+    faster, less exact mode, as diffusers' ``fp8r`` layer does (the layer re-plans its GEMM when
+    it is set). Off by default; bench/RESULTS.md has what it gains and costs.
     """
 
-    fast_accum: bool = False
+    _fast_accum = False
 
     def __init__(
         self,
@@ -136,6 +136,15 @@ class Fp8Linear(nn.Module):
         return getattr(self, self.scale_name)
 
     @property
+    def fast_accum(self) -> bool:
+        return self._fast_accum
+
+    @fast_accum.setter
+    def fast_accum(self, value: bool) -> None:
+        self._fast_accum = bool(value)
+        self._place()
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the layer computes in: its bias's, else the one it was built for (float32 at worst).
 
@@ -226,7 +235,7 @@ class Fp8Linear(nn.Module):
                 buf.data = layout
         elif buf.device != device:
             buf.data = buf.data.to(device)
-        self._gemm_fn = gemm_for(device, (self.out_features, self.in_features), self.block_size, self.fast_accum)
+        self._gemm_fn = gemm_for(device, (self.out_features, self.in_features), self.block_size, self._fast_accum)
         self._eager = eager_linear(self)
         self._placed_for = self._where()
         if self.force_fp8_gemm and self._gemm_fn is None:

@@ -226,7 +226,7 @@ def _quantize_for_gemm_reference(x2: torch.Tensor, group: int | None) -> tuple[t
     return q, s
 
 
-def _rowwise_mm(xq, xs, weight, gemm_scale, bias):
+def _rowwise_mm(xq, xs, weight, gemm_scale, bias, fast_accum: bool = False):
     return torch._scaled_mm(
         xq,
         weight.t(),  # column-major view of the row-major [N, K] weight, as cuBLASLt wants
@@ -234,15 +234,13 @@ def _rowwise_mm(xq, xs, weight, gemm_scale, bias):
         scale_b=gemm_scale,
         bias=None if bias is None else bias.to(torch.bfloat16),
         out_dtype=torch.bfloat16,
+        use_fast_accum=fast_accum,
     )
 
 
-def _rowwise_mm_fast(xq, xs, weight, gemm_scale, bias):
-    """``_rowwise_mm`` with cuBLASLt's fast FP8 accumulation (partial sums not promoted to full
-    float32 precision at intervals): faster, less exact. Used by ``Fp8Linear(fast_accum=True)``."""
-    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=gemm_scale,
-                            bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
-                            use_fast_accum=True)
+# cuBLASLt's fast FP8 accumulation (partial sums not promoted to full float32 precision at
+# intervals): faster, less exact. Used by ``Fp8Linear.fast_accum``.
+_rowwise_mm_fast = functools.partial(_rowwise_mm, fast_accum=True)
 
 
 def _blockwise_mm(xq, xs, weight, gemm_scale, bias):

@@ -554,12 +554,10 @@ def _group_offload(value: Any) -> dict[str, Any] | None:
 def _compile_block_forwards(transformer: Any) -> None:
     """Compile each repeated block's own forward (what ``compile_repeated_blocks`` compiles), before
     any hook wraps it: caches decide in Python between blocks, which a compiled graph cannot hold."""
-    names = set(getattr(transformer, "_repeated_blocks", None) or ())
-    if not names:
-        raise ConfigError(f"compile: {type(transformer).__name__} declares no repeated blocks to compile.")
-    for module in transformer.modules():
-        if type(module).__name__ in names:
-            module.forward = torch.compile(module.forward, fullgraph=True)
+    from .cuda_graphs import repeated_blocks
+
+    for module in repeated_blocks(transformer, "compile"):
+        module.forward = torch.compile(module.forward, fullgraph=True)
 
 
 def _install_probe(transformer: Any, backend: str) -> Any:

@@ -400,3 +400,28 @@ def test_cuda_graphs_without_a_gpu_is_a_one_line_error(qwen_src):
     model = load_transformer(qwen_src, quantization="fp8", progress=False)
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         enable_cuda_graphs(model)
+    with pytest.raises(ConfigError, match="takes a torch model, not str"):
+        enable_cuda_graphs("transformer")
+    with pytest.raises(ConfigError, match="Linear names no repeated transformer blocks"):
+        enable_cuda_graphs(nn.Linear(4, 4))
+
+
+def test_cuda_graphs_go_inside_caches_or_not_at_all(qwen_src):
+    from omni_fp8 import apply_teacache, enable_cuda_graphs
+
+    model = load_transformer(qwen_src, quantization="fp8", progress=False)
+    apply_teacache(model)
+    hooks = {id(b): dict(b._diffusers_hook.hooks) for b in model.transformer_blocks if hasattr(b, "_diffusers_hook")}
+    with pytest.raises(ConfigError, match="enable CUDA graphs first, then caches"):
+        enable_cuda_graphs(model)
+    after = {id(b): dict(b._diffusers_hook.hooks) for b in model.transformer_blocks if hasattr(b, "_diffusers_hook")}
+    assert after == hooks  # nothing registered on any block
+
+
+def test_fast_accumulation_is_a_setting_that_replans():
+    layer = Fp8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    expected = layer(x)
+    layer.fast_accum = True
+    assert layer.fast_accum and torch.equal(layer(x), expected)  # the CPU emulation has one accumulation
+    assert layer._placed_for == layer._where()
