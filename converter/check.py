@@ -118,6 +118,11 @@ def _check_vllm_omni(
         report.problems.append(
             "quantization_config lacks is_checkpoint_fp8_serialized: true, so vLLM quantizes the FP8 weights again "
             "as if they were high precision (cast)")
+    per_row = [n for n in sorted(fp8) if math.prod(getattr(infos.get(f"{n}.weight_scale"), "shape", ()) or (1,)) > 1]
+    if per_row:
+        report.problems.append(
+            f"{per_row[0]} (and {len(per_row) - 1} more): one weight_scale per output row; vLLM's fp8 Linears hold one "
+            "scale per weight, so vllm-omni fails to load it (convert with --weight-strategy tensor)")
     ignored = set(qc.get("ignored_layers") or [])
     rules = rules_for("vllm-omni", source.class_name)
     if not rules.keeps and not rules.fused:
@@ -170,7 +175,7 @@ def _check_vllm_omni(
             if bad:
                 report.problems.append(f"{group}: {bad[0]} has {shapes[bad[0]][0]} rows, not a multiple of the "
                                        f"block's {block[0]}; vLLM refuses the fused block-scaled Linear (fails)")
-        else:
+        elif not per_row:
             scales = [_scale_value(infos[f"{p}.weight_scale"]) for p in parts]
             if len(set(scales)) > 1:
                 report.notes.append(f"{group}: parts have different scales; vLLM requantizes them to the largest, "

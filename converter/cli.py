@@ -79,7 +79,8 @@ def main(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No plan, no progress bars: just the final line.")
 @_fail_cleanly
 def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, ...],
-            weight_block_size: str | None, activation_scheme: str, dtype: str, target: str, as_json: bool,
+            weight_block_size: str | None, weight_strategy: str | None, activation_scheme: str, dtype: str,
+            target: str, as_json: bool,
             subfolder: str | None, revision: str | None, token: str | None,
             max_shard_size: str, force: bool, quiet: bool) -> None:
     """Convert the transformer of SRC (pipeline or transformer folder, or a Hub repo id) into OUT.
@@ -89,6 +90,7 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
     \b
     omni-convert convert ./Qwen-Image ./Qwen-Image-fp8
     omni-convert convert ./transformer ./transformer-fp8 --ignored-layers img_mlp --weight-block-size 128,128
+    omni-convert convert ./Qwen-Image ./Qwen-Image-fp8 --weight-strategy channel
     omni-convert convert ./Qwen-Image ./Qwen-Image-fp8-vllm --target vllm-omni
     omni-convert convert ./Z-Image-Turbo ./zit-fp8.safetensors --target comfyui
     omni-convert convert Qwen/Qwen-Image ./Qwen-Image-fp8
@@ -97,7 +99,7 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
     from .check import check
     from .report import plan_text
 
-    config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
+    config = _config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy)
     limit = parse_size(max_shard_size)
     source = open_source(src, subfolder=subfolder, revision=revision, token=token)
     source = source.component_only() if subfolder else source
@@ -110,15 +112,20 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
     if target == DEFAULT_TARGET:  # no folder of ours may be mis-loaded by vllm-omni without a word
         report = check(result.output, "vllm-omni")
         vllm = {"loadable": report.ok, "problems": report.problems,
-                "fix": None if report.ok else "--target vllm-omni"}
+                "fix": None if report.ok else _vllm_fix(plan)}
     if as_json:
         _emit_json({**result.to_dict(), **({"vllm_omni": vllm} if vllm else {})})
         return
     click.echo(result.summary_line())
     if vllm and not vllm["loadable"]:
         click.echo(f"note: vllm-omni would not load this folder correctly as written ({len(report.problems)} "
-                   f"problem(s), first: {report.problems[0]}); convert with --target vllm-omni for a folder it "
+                   f"problem(s), first: {report.problems[0]}); convert with {vllm['fix']} for a folder it "
                    f"loads (omni-convert check {out} --target vllm-omni lists them).", err=True)
+
+
+def _vllm_fix(plan: Any) -> str:
+    """The flags that make a folder vllm-omni loads (it holds no per-row scales)."""
+    return "--target vllm-omni" + (" --weight-strategy tensor" if plan.config.weight_strategy == "channel" else "")
 
 
 @main.command()
@@ -129,7 +136,8 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
               help="For a single .safetensors file: the model's config.json or its folder.")
 @_fail_cleanly
 def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
-            activation_scheme: str, dtype: str, target: str, as_json: bool, subfolder: str | None,
+            weight_strategy: str | None, activation_scheme: str, dtype: str, target: str, as_json: bool,
+            subfolder: str | None,
             revision: str | None, token: str | None, model_config: str | None) -> None:
     """Show the plan for a source (folder or Hub repo id), or summarise an FP8 checkpoint.
 
@@ -146,7 +154,7 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
     from .report import layout_json, layout_text, plan_json, plan_text, source_label
 
     folder = Path(path)
-    plan_flags = (preset, ignored_layers, weight_block_size, activation_scheme, dtype, target)
+    plan_flags = (preset, ignored_layers, weight_block_size, weight_strategy, activation_scheme, dtype, target)
     if (folder / MANIFEST_NAME).is_file() and subfolder is None:
         _show_converted(folder, str(folder), *plan_flags, as_json)
         return
@@ -164,7 +172,7 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
             click.echo(layout_text(source, layout))
         return
     check_not_quantized(source)
-    config = _config(preset, ignored_layers, weight_block_size, activation_scheme)
+    config = _config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy)
     plan = make_plan(source, config, dtype=_torch_dtype(dtype), target=target)
     if as_json:
         _emit_json(plan_json(plan))
@@ -173,10 +181,12 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
 
 
 def _refuse_plan_flags(label: str, what: str, preset: str | None, ignored_layers: tuple[str, ...],
-                       weight_block_size: str | None, activation_scheme: str, dtype: str, target: str) -> None:
+                       weight_block_size: str | None, weight_strategy: str | None, activation_scheme: str, dtype: str,
+                       target: str) -> None:
     """Options that shape a plan mean nothing for an FP8 checkpoint, shown as it was made."""
     given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
                                       ("--weight-block-size", weight_block_size),
+                                      ("--weight-strategy", weight_strategy),
                                       ("--activation-scheme", activation_scheme != "dynamic"),
                                       ("--dtype", dtype != "keep"),
                                       ("--target", target != DEFAULT_TARGET)) if value]
@@ -187,12 +197,12 @@ def _refuse_plan_flags(label: str, what: str, preset: str | None, ignored_layers
 
 
 def _show_converted(folder: Any, label: str, preset: str | None, ignored_layers: tuple[str, ...],
-                    weight_block_size: str | None, activation_scheme: str, dtype: str, target: str,
-                    as_json: bool) -> None:
+                    weight_block_size: str | None, weight_strategy: str | None, activation_scheme: str, dtype: str,
+                    target: str, as_json: bool) -> None:
     from .report import folder_json, folder_text
 
-    _refuse_plan_flags(label, "a converted folder", preset, ignored_layers, weight_block_size, activation_scheme,
-                       dtype, target)
+    _refuse_plan_flags(label, "a converted folder", preset, ignored_layers, weight_block_size, weight_strategy,
+                       activation_scheme, dtype, target)
     manifest = read_manifest(folder)
     if as_json:
         _emit_json(folder_json(label, manifest))

@@ -237,7 +237,7 @@ def run_demo(out: str | Path, *, force: bool = False, progress: bool = True) -> 
     errors = []
     source_tensors = _load_folder(src)
     for entry in result.manifest["tensors"]:
-        if entry["scheme"] not in ("fp8_tensor", "fp8_block"):
+        if entry["scheme"] not in ("fp8_tensor", "fp8_channel", "fp8_block"):
             continue
         with safe_open(dst / entry["shard"], "pt") as f:
             q = f.get_tensor(entry["name"])

@@ -5,7 +5,8 @@ Read from diffusers 0.42.1: ``FromOriginalModelMixin.from_single_file`` with
 (``quantizers/bfl/bfl_quantizer.py``), which takes every ``<layer>.weight_scale`` as marking an
 FP8 Linear (``fp8r`` unless a ``weight_scale_2`` is there too), requires ``<layer>.weight`` to be
 float8_e4m3fn ``[N, K]``, and dequantizes as ``weight * weight_scale[:, None]``: one float32 scale
-per row, ``[N]``. Per-tensor scales repeated on every row are that layout, losslessly. Keys that
+per row, ``[N]``: per-channel scales are that layout exactly, and per-tensor scales repeated on
+every row are it losslessly. Keys that
 already equal the model's own skip the key conversion (``_should_convert_state_dict_to_diffusers``,
 ``loaders/single_file_model.py``), so diffusers' names load as they are for every class diffusers
 can load from a single file.

@@ -106,9 +106,12 @@ class Layout:
     def checkpoint_config(self) -> dict[str, Any]:
         """The ``quantization_config`` a save of the loaded model writes (omni-fp8's own layout)."""
         kept = [name for name, scheme in self.schemes.items() if scheme == KEPT]
-        return {"quant_method": "fp8", "activation_scheme": "dynamic",
-                "weight_block_size": list(self.block_size) if self.block_size else None,
-                "ignored_layers": kept, "is_checkpoint_fp8_serialized": True}
+        config = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                  "weight_block_size": list(self.block_size) if self.block_size else None,
+                  "ignored_layers": kept, "is_checkpoint_fp8_serialized": True}
+        if "fp8_channel" in self.schemes.values():
+            config["weight_strategy"] = "channel"
+        return config
 
 
 def read_layout(source: Source, shapes: Mapping[str, tuple[int, int]]) -> Layout | None:

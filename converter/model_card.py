@@ -53,7 +53,9 @@ def _body(manifest: Mapping[str, Any], repo_id: str, base: str | None) -> str:
     component = manifest["component"]
     name = repo_id.split("/")[-1]
     block = manifest["quantization_config"]["weight_block_size"]
-    scheme = f"one scale per {block[0]}x{block[1]} block" if block else "one scale per tensor"
+    per_row = options.get("weight_strategy") == "channel"
+    scheme = (f"one scale per {block[0]}x{block[1]} block" if block else
+              "one scale per output row" if per_row else "one scale per tensor")
     origin = f"[{base}]({_endpoint()}/{base})" if base else "a local checkpoint"
     pct = 100 * totals["output_bytes"] / max(totals["source_bytes"], 1)
     sub = f', subfolder="{component}"' if component else ""
@@ -93,7 +95,8 @@ def _body(manifest: Mapping[str, Any], repo_id: str, base: str | None) -> str:
         "|---|---|",
         f"| preset | `{options['preset']}` |",
         f"| ignored_layers | {', '.join(f'`{p}`' for p in options['ignored_layers']) or 'none'} |",
-        f"| weight_block_size | {f'`{block[0]},{block[1]}`' if block else 'per tensor'} |",
+        f"| weight_block_size | {f'`{block[0]},{block[1]}`' if block else 'none'} |",
+        f"| weight_strategy | `{options.get('weight_strategy') or ('block' if block else 'tensor')}` |",
         f"| activation_scheme | `{options['activation_scheme']}` |",
         f"| dtype of kept tensors | `{options.get('dtype', 'keep')}` |",
         "",

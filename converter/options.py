@@ -5,7 +5,7 @@ means the same thing and fails the same way wherever it is given. Field names fo
 vLLM / vllm-omni ``quantization_config`` keys, so a dict written for those works here.
 
     >>> Fp8Config(ignored_layers=["img_mlp"], weight_block_size=[128, 128])
-    Fp8Config(method='fp8', ignored_layers=('img_mlp',), activation_scheme='dynamic', weight_block_size=(128, 128), preset=None)
+    Fp8Config(method='fp8', ignored_layers=('img_mlp',), activation_scheme='dynamic', weight_block_size=(128, 128), preset=None, weight_strategy='block')
     >>> Fp8Config.from_dict({"method": "fp8", "ignored_layers": "img_mlp,txt_mlp"}).ignored_layers
     ('img_mlp', 'txt_mlp')
 """
@@ -24,7 +24,7 @@ from .errors import ConfigError
 
 __all__ = [
     "Fp8Config", "QuantMethod", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path",
-    "parse_target", "refuse_unknown_keys", "DEFAULT_MAX_ERROR", "TARGETS", "DEFAULT_TARGET", "SINGLE_FILE_TARGETS",
+    "parse_target", "refuse_unknown_keys", "WEIGHT_STRATEGIES", "DEFAULT_MAX_ERROR", "TARGETS", "DEFAULT_TARGET", "SINGLE_FILE_TARGETS",
 ]
 
 # ``suggest``'s default bound on the mean relative output error: between the lab DiT's error with
@@ -48,6 +48,13 @@ _NO_BLOCK_SCALES = {
 
 # The alignment FP8 GEMMs need on both weight dims (and the unit block sizes are counted in).
 ALIGNMENT = 16
+# How eligible weights are scaled: compressed-tensors' names for the same three layouts.
+WEIGHT_STRATEGIES = ("tensor", "channel", "block")
+_NO_CHANNEL_SCALES = {
+    "vllm-omni": "vllm-omni's diffusion loader reads vLLM's fp8 method, whose Linears hold one weight_scale per "
+                 "weight or a block grid, never one per row",
+    "comfyui": "ComfyUI's FP8 Linears hold one scalar weight_scale per weight (comfy/ops.py, MixedPrecisionOps)",
+}
 _ACTIVATION_SCHEMES = ("dynamic", "static")
 _METHOD_KEYS = ("method", "quant_method")
 # Keys a checkpoint's quantization_config carries about the file rather than about the options:
@@ -84,6 +91,11 @@ class Fp8Config:
         preset: A named recipe from ``manifests/`` (``"qwen-image"``, ``"z-image-turbo"``) whose
             ``ignored_layers`` are added to these. ``None`` picks the preset registered for the
             model's class, ``"none"`` uses none.
+        weight_strategy: ``"tensor"`` (one scale per weight), ``"channel"`` (one scale per output
+            row, stored as ``weight_scale`` ``[N, 1]`` as compressed-tensors and ModelOpt do: an
+            outlier row no longer flattens the others, and a row-wise FP8 GEMM applies the scales
+            in its epilogue at no cost) or ``"block"`` (implied by ``weight_block_size``). ``None``
+            means ``"block"`` when a block size is given, else ``"tensor"``.
     """
 
     method: str = "fp8"
@@ -91,6 +103,7 @@ class Fp8Config:
     activation_scheme: str = "dynamic"
     weight_block_size: tuple[int, int] | None = None
     preset: str | None = None
+    weight_strategy: str | None = None
 
     def __post_init__(self) -> None:
         if self.method != "fp8":
@@ -111,6 +124,23 @@ class Fp8Config:
             object.__setattr__(self, "weight_block_size", parse_block_size(self.weight_block_size))
         if self.preset is not None and (not isinstance(self.preset, str) or not self.preset):
             raise ConfigError(f"preset must be a preset name or 'none', got {self.preset!r}.")
+        object.__setattr__(self, "weight_strategy", self._strategy())
+
+    def _strategy(self) -> str:
+        strategy, block = self.weight_strategy, self.weight_block_size
+        if strategy is not None and strategy not in WEIGHT_STRATEGIES:
+            raise ConfigError(
+                f"unknown weight_strategy {strategy!r}; use 'tensor' (the default), 'channel' (one scale per output "
+                "row) or 'block' (with weight_block_size)."
+            )
+        if block is not None and strategy not in (None, "block"):
+            raise ConfigError(
+                f"weight_strategy {strategy!r} and weight_block_size {list(block)} contradict each other; give "
+                "weight_block_size for block scales, or drop it."
+            )
+        if block is None and strategy == "block":
+            raise ConfigError("weight_strategy 'block' needs weight_block_size (e.g. 128,128).")
+        return "block" if block is not None else strategy or "tensor"
 
     @property
     def quant_method(self) -> QuantMethod:
@@ -120,7 +150,7 @@ class Fp8Config:
     @property
     def scheme(self) -> str:
         """The manifest's name for how eligible weights are stored."""
-        return "fp8_tensor" if self.weight_block_size is None else "fp8_block"
+        return {"tensor": "fp8_tensor", "channel": "fp8_channel", "block": "fp8_block"}[self.weight_strategy]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Fp8Config:
@@ -167,6 +197,7 @@ class Fp8Config:
             "activation_scheme": self.activation_scheme,
             "weight_block_size": list(self.weight_block_size) if self.weight_block_size else None,
             "preset": self.preset,
+            "weight_strategy": self.weight_strategy,
         }
 
 
@@ -304,8 +335,9 @@ def refuse_unknown_keys(values: Mapping[str, Any], known: Iterable[str], *, what
         raise ConfigError(f"unknown {what} option(s) {', '.join(unknown)}; use {', '.join(known)}.")
 
 
-def parse_target(value: Any, *, weight_block_size: tuple[int, int] | None = None) -> str:
-    """A target name, checked against the options it must work with (block scales, for two of them)."""
+def parse_target(value: Any, *, weight_block_size: tuple[int, int] | None = None,
+                 weight_strategy: str | None = None) -> str:
+    """A target name, checked against the options it must work with (block or per-row scales)."""
     if value is None:
         return DEFAULT_TARGET
     if not isinstance(value, str) or value not in TARGETS:
@@ -313,5 +345,10 @@ def parse_target(value: Any, *, weight_block_size: tuple[int, int] | None = None
     if weight_block_size is not None and value in _NO_BLOCK_SCALES:
         raise ConfigError(
             f"--target {value} takes per-tensor scales only: {_NO_BLOCK_SCALES[value]}; drop --weight-block-size."
+        )
+    if weight_strategy == "channel" and value in _NO_CHANNEL_SCALES:
+        raise ConfigError(
+            f"--target {value} cannot take per-channel scales: {_NO_CHANNEL_SCALES[value]}; drop --weight-strategy "
+            "channel (per-tensor is that engine's layout)."
         )
     return value

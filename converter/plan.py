@@ -61,7 +61,7 @@ __all__ = [
     "encoder_linears",
 ]
 
-FP8_TENSOR, FP8_BLOCK, KEPT = "fp8_tensor", "fp8_block", "kept"
+FP8_TENSOR, FP8_CHANNEL, FP8_BLOCK, KEPT = "fp8_tensor", "fp8_channel", "fp8_block", "kept"
 NOT_LINEAR, UNALIGNED, DTYPE_READ = "not-linear", "unaligned", "dtype-read"
 
 # vllm-omni fuses these projections into one Linear; users write the fused names in its configs.
@@ -125,7 +125,7 @@ def compile_patterns(texts: Iterable[str]) -> tuple[LayerPattern, ...]:
 
 @dataclass(frozen=True)
 class LinearDecision:
-    """What happens to one Linear: ``fp8_tensor``, ``fp8_block`` or ``kept`` (with the reason)."""
+    """What happens to one Linear: ``fp8_tensor``, ``fp8_channel``, ``fp8_block`` or ``kept`` (with the reason)."""
 
     scheme: str
     reason: str | None = None
@@ -373,8 +373,12 @@ class TensorPlan:
         return self.source.name
 
     @property
+    def per_channel(self) -> bool:
+        return self.scheme == FP8_CHANNEL
+
+    @property
     def scale_name(self) -> str | None:
-        if self.scheme == FP8_TENSOR:
+        if self.scheme in (FP8_TENSOR, FP8_CHANNEL):
             return self.name + "_scale"
         if self.scheme == FP8_BLOCK:
             return self.name + "_scale_inv"
@@ -385,6 +389,8 @@ class TensorPlan:
         shape = self.source.shape
         if self.scheme == FP8_TENSOR:
             return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, ()))
+        if self.scheme == FP8_CHANNEL:
+            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, (shape[0], 1)))
         if self.scheme == FP8_BLOCK:
             grid = block_scale_shape(shape, self.block_size)
             return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, grid))
@@ -469,6 +475,7 @@ class Plan:
             "ignored_layers": list(self.ignored_layers),
             "pattern_hits": self.pattern_hits,
             "weight_block_size": list(self.config.weight_block_size) if self.config.weight_block_size else None,
+            "weight_strategy": self.config.weight_strategy,
             "tensors": len(self.tensors),
             "schemes": counts,
             "kept_reasons": reasons,
@@ -485,15 +492,20 @@ def checkpoint_quantization_config(config: Fp8Config, kept_linears: Iterable[str
 
     ``ignored_layers`` lists the Linear modules kept in high precision by name, whatever the
     patterns, presets or alignment that kept them; readers match names, not our patterns.
+    Per-row scales are not in vLLM's fp8 method: ``weight_strategy: "channel"`` says so (their
+    ``[N, 1]`` shape says it too, which is what readers check).
     """
     block = config.weight_block_size
-    return {
+    out = {
         "quant_method": "fp8",
         "activation_scheme": config.activation_scheme,
         "weight_block_size": list(block) if block else None,
         "ignored_layers": list(kept_linears),
         "is_checkpoint_fp8_serialized": True,
     }
+    if config.weight_strategy == "channel":
+        out["weight_strategy"] = "channel"
+    return out
 
 
 def _dtype_label(dtype: torch.dtype | None) -> str:
@@ -522,7 +534,7 @@ def make_plan(
         source = open_source(source)  # a path, for convenience
     config = Fp8Config.coerce(config)
     dtype = parse_dtype(dtype)
-    target = parse_target(target, weight_block_size=config.weight_block_size)
+    target = parse_target(target, weight_block_size=config.weight_block_size, weight_strategy=config.weight_strategy)
     if model is None:
         structure = model_structure(source.class_name, source.config)
     else:
@@ -532,7 +544,7 @@ def make_plan(
     rules = rules_for(target, source.class_name)
     decisions, fused = apply_target(target, rules, shapes, decisions, config.weight_block_size)
     shared = {part: name for name, parts in fused.items() for part in parts
-              if config.weight_block_size is None and decisions[part].quantized}
+              if config.weight_strategy == "tensor" and decisions[part].quantized}
     encoder = _encoder_linears(source, rules, target) if rules.encoder else ()
 
     weight_of = {f"{name}.weight": name for name in shapes}

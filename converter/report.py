@@ -49,7 +49,8 @@ def plan_text(plan: Plan, *, table: bool = True) -> str:
         f"Source:   {source_label(source.origin, source.root)} ({where}, {len(source.shards)} "
         f"shard{'s' * (len(source.shards) != 1)})",
         f"Preset:   {preset.name}: {preset.description}" if preset else "Preset:   none",
-        f"Scheme:   {_scheme_words(plan.config.weight_block_size)}, {plan.config.activation_scheme} activations",
+        f"Scheme:   {_scheme_words(plan.config.weight_block_size, plan.config.weight_strategy)}, "
+        f"{plan.config.activation_scheme} activations",
     ]
     if plan.target != "omni-fp8":
         lines.append(f"Target:   {plan.target}")
@@ -111,7 +112,7 @@ def folder_text(folder: Path | str, manifest: Mapping[str, Any]) -> str:
         f"Folder:   {folder} (omni-fp8 {manifest['tool']['version']}, {manifest['created']})",
         f"Source:   {source_label(source)} ({source['kind']}, {source['class_name']})",
         f"Preset:   {options['preset']}; ignored_layers: {', '.join(options['ignored_layers']) or 'none'}",
-        f"Scheme:   {_scheme_words(block)}, {options['activation_scheme']} activations",
+        f"Scheme:   {_scheme_words(block, options.get('weight_strategy'))}, {options['activation_scheme']} activations",
         f"Linears:  {totals['linears_quantized']} of {totals['linears']} in FP8",
         "",
         *_table(rows),
@@ -142,9 +143,11 @@ def _table(tensors: Iterable[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _scheme_words(block: Any) -> str:
+def _scheme_words(block: Any, strategy: str | None = None) -> str:
     if block:
         return f"FP8 E4M3FN weights, one scale per {block[0]}x{block[1]} block"
+    if strategy == "channel":
+        return "FP8 E4M3FN weights, one scale per output row"
     return "FP8 E4M3FN weights, one scale per tensor"
 
 

@@ -193,6 +193,24 @@ class SharedScales:
         self._groups = plan.scale_groups
         self._reader = reader
         self._scales: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, torch.Tensor] = {}  # per-channel scales, from quantizing the weight until written
+
+    def quantize(self, t: TensorPlan, tensor: torch.Tensor) -> torch.Tensor:
+        """``t``'s FP8 codes for a single-file layout, keeping per-row scales for their own tensor."""
+        if t.per_channel:
+            q, rows = quantize_weight(tensor, per_channel=True, name=t.name)
+            self._rows[t.name] = rows
+            return q
+        return quantize_weight(tensor, t.block_size, name=t.name, scale=self.scale_of(t))[0]
+
+    def row_scales(self, t: TensorPlan) -> torch.Tensor:
+        """One float32 scale per output row ``[N]``: a per-channel weight's own, else its scale repeated."""
+        rows = self._rows.pop(t.name, None)
+        if rows is None and t.per_channel:
+            rows = quantize_weight(self._reader.read(t.source), per_channel=True, name=t.name)[1]
+        if rows is None:
+            return self.scale_of(t).expand(t.source.shape[0]).contiguous()
+        return rows.reshape(-1)
 
     def scale_of(self, t: TensorPlan) -> torch.Tensor:
         """A per-tensor FP8 weight's scale: its group's, else its own (the same formula, one part)."""
@@ -221,7 +239,8 @@ class FileTensor:
 
     ``role`` says what of ``parts`` it holds, concatenated along dim 0 in order: ``data`` (the FP8
     codes of quantized parts, the tensors of kept ones), ``scale`` (the parts' one per-tensor
-    scale, 0-dim), ``row_scale`` (that scale repeated for every output row) or ``constant``.
+    scale, 0-dim), ``row_scale`` (one scale per output row: a per-channel weight's own, else the
+    per-tensor scale repeated) or ``constant``.
     """
 
     name: str
@@ -268,9 +287,10 @@ def _file_tensor(t: FileTensor, reader: Any, scales: SharedScales) -> torch.Tens
     if t.role == "constant":
         assert t.constant is not None
         return t.constant
-    if t.role in ("scale", "row_scale"):
-        scale = scales.scale_of(t.parts[0])
-        return scale if t.role == "scale" else scale.expand(t.shape).contiguous()
+    if t.role == "scale":
+        return scales.scale_of(t.parts[0])
+    if t.role == "row_scale":
+        return scales.row_scales(t.parts[0]).reshape(t.shape)
     pieces = []
     for part in t.parts:
         tensor = reader.read(part.source)
@@ -278,7 +298,7 @@ def _file_tensor(t: FileTensor, reader: Any, scales: SharedScales) -> torch.Tens
             out_dtype = part.outputs[0].dtype
             pieces.append(tensor if tensor.dtype == out_dtype else cast_checked(tensor, out_dtype, name=part.name))
         else:
-            pieces.append(quantize_weight(tensor, part.block_size, name=part.name, scale=scales.scale_of(part))[0])
+            pieces.append(scales.quantize(part, tensor))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
@@ -291,7 +311,8 @@ def _convert_tensor(
         return
     out, give_back = pool.take(t.source.shape)
     try:
-        q, scale = quantize_weight(tensor, t.block_size, name=t.name, out=out, scale=scales.for_tensor(t))
+        q, scale = quantize_weight(tensor, t.block_size, per_channel=t.per_channel, name=t.name, out=out,
+                                   scale=scales.for_tensor(t))
     except BaseException:
         give_back()
         raise

@@ -76,7 +76,8 @@ def main(debug: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; just the output lines.")
 @fail_cleanly
 def text_to_image(model: str, revision: str | None, token: str | None, quantization: str | None, preset: str | None,
-                  ignored_layers: tuple[str, ...], weight_block_size: str | None, activation_scheme: str, dtype: str,
+                  ignored_layers: tuple[str, ...], weight_block_size: str | None, weight_strategy: str | None,
+                  activation_scheme: str, dtype: str,
                   device: str | None, cache_backend: str | None, cache_config: str | None, compile_: bool,
                   cuda_graphs: bool, enable_cpu_offload: bool, sequential_cpu_offload: bool, group_offload: str | None,
                   ulysses_degree: int | None, ring_degree: int | None, attention_backend: str | None,
@@ -97,8 +98,9 @@ def text_to_image(model: str, revision: str | None, token: str | None, quantizat
     if enable_cpu_offload and sequential_cpu_offload:
         raise click.UsageError("--enable-cpu-offload and --sequential-cpu-offload are two ways to offload; give one.")
     normalize_prompts(list(prompts))  # a bad prompt fails now, not after the load
-    custom_fp8 = bool(preset or ignored_layers or weight_block_size or activation_scheme != "dynamic")
-    config = fp8_config(preset, ignored_layers, weight_block_size, activation_scheme) if custom_fp8 else None
+    custom_fp8 = bool(preset or ignored_layers or weight_block_size or weight_strategy or activation_scheme != "dynamic")
+    config = (fp8_config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy)
+              if custom_fp8 else None)
     params = OmniDiffusionSamplingParams(
         num_inference_steps=num_inference_steps, height=height, width=width, seed=seed, guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,

@@ -219,8 +219,10 @@ class Fp8Quantizer(DiffusersQuantizer):
             serialized = dict(self._folder_config)
         else:
             kept = [name for name, scheme in self._schemes.items() if scheme == KEPT]
+            per_row = "channel" if "fp8_channel" in self._schemes.values() else None
             serialized = checkpoint_quantization_config(
-                Fp8Config(weight_block_size=self._block, activation_scheme=self.quantization_config.activation_scheme),
+                Fp8Config(weight_block_size=self._block, weight_strategy=per_row,
+                          activation_scheme=self.quantization_config.activation_scheme),
                 kept)
         mark_fp8(model, quantization_config=serialized, provenance=self._provenance, compute_dtype=self._torch_dtype,
                  quantizer=self)

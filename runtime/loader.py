@@ -32,7 +32,7 @@ from omni_fp8.converter.errors import (
     CorruptCheckpointError,
     ModelMismatchError,
 )
-from omni_fp8.converter.layouts import Layout, read_layout
+from omni_fp8.converter.layouts import FP8_SCHEMES, Layout, read_layout
 from omni_fp8.converter.numerics import FP8_DTYPE, cast_checked, check_fp8_codes, check_scale, fp8_nan_error, quantize_weight
 from omni_fp8.converter.options import Fp8Config, parse_dtype
 from omni_fp8.converter.plan import KEPT, check_tensors_match, decide_linears, empty_model, linear_shapes, make_plan
@@ -179,7 +179,7 @@ def _load_quantizing(
         if t.scheme == KEPT:
             yield name, _owned(tensor, device, t.outputs[0].dtype, name=name)
             return
-        q, scale = quantize_weight(tensor, t.block_size, name=name)
+        q, scale = quantize_weight(tensor, t.block_size, per_channel=t.per_channel, name=name)
         yield name, q.to(device)
         yield t.scale_name, scale.to(device)
 
@@ -238,7 +238,7 @@ def checkpoint_provenance(
     entries = manifest["tensors"]
     reasons = {e["name"].rsplit(".", 1)[0]: e["reason"] for e in entries
                if e["scheme"] == KEPT and e["name"].rsplit(".", 1)[0] in schemes and e["name"].endswith(".weight")}
-    dtypes = {e["name"]: e["source_dtype"] for e in entries if e["scheme"] in ("fp8_tensor", "fp8_block")
+    dtypes = {e["name"]: e["source_dtype"] for e in entries if e["scheme"] in FP8_SCHEMES
               and e.get("source_dtype")}
     return Fp8Provenance(dict(manifest["options"]), reasons, dtypes, dict(manifest["source"]))
 

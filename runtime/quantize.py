@@ -48,7 +48,9 @@ def quantize_(
                 continue
             linear = model.get_submodule(name)
             source_dtypes[f"{name}.weight"] = dtype_name(linear.weight.dtype)
-            model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size, force_fp8_gemm=force_fp8_kernels))
+            model.set_submodule(name, Fp8Linear.from_linear(
+                linear, config.weight_block_size, per_channel=config.weight_strategy == "channel",
+                force_fp8_gemm=force_fp8_kernels))
             del linear
     if "peft" in sys.modules:  # LoRA loaded before quantizing: its wrappers must merge into FP8
         from .lora import adopt_lora_wrappers

@@ -277,7 +277,8 @@ def _fp8(model: nn.Module, names: Sequence[str], config: Fp8Config) -> Iterator[
     originals = {n: model.get_submodule(n) for n in names}
     try:
         for name, linear in originals.items():
-            model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size))
+            model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size,
+                                                            per_channel=config.weight_strategy == "channel"))
         yield
     finally:
         for name, linear in originals.items():

@@ -19,7 +19,7 @@ from omni_fp8 import convert, make_plan, open_source
 from omni_fp8.converter.check import VLLM_FP8_CONFIG_KEYS, check
 from omni_fp8.converter.cli import main
 from omni_fp8.converter.errors import ConfigError, OutputExistsError
-from omni_fp8.converter.numerics import quantize_per_tensor, shared_scale, weight_amax
+from omni_fp8.converter.numerics import quantize_per_channel, quantize_per_tensor, shared_scale, weight_amax
 
 FP8 = torch.float8_e4m3fn
 
@@ -235,11 +235,12 @@ _DIFFUSERS_LOAD = textwrap.dedent("""
 _QWEN_FORWARD = """out = model(hidden_states=torch.randn(1, 16, 16, dtype=torch.bfloat16), encoder_hidden_states=torch.randn(1, 7, 32, dtype=torch.bfloat16), encoder_hidden_states_mask=torch.ones(1, 7, dtype=torch.bool), timestep=torch.tensor([0.5], dtype=torch.bfloat16), img_shapes=[[(1, 4, 4)]], return_dict=False)[0]"""
 
 
-def test_stock_diffusers_loads_the_fp8r_file(qwen_src, tmp_path):
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_stock_diffusers_loads_the_fp8r_file(strategy, qwen_src, tmp_path):
     from omni_fp8 import load_transformer
 
     out = tmp_path / "qwen-fp8r.safetensors"
-    convert(qwen_src, out, target="diffusers", progress=False)
+    convert(qwen_src, out, config={"weight_strategy": strategy}, target="diffusers", progress=False)
     assert check(out, "diffusers").ok
     script = _DIFFUSERS_LOAD.format(cls="QwenImageTransformer2DModel", forward="with torch.no_grad(): " + _QWEN_FORWARD)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -250,10 +251,15 @@ def test_stock_diffusers_loads_the_fp8r_file(qwen_src, tmp_path):
     written = file_tensors(out)
     layers = [k for k in loaded if k.endswith(".weight")]
     assert len(layers) == make_plan(open_source(qwen_src)).summary()["linears_quantized"] == 28
-    for name in layers:  # stock diffusers holds exactly the bits we wrote: codes, and the scale on every row
+    source = load_tensors(qwen_src)
+    for name in layers:  # stock diffusers holds exactly the bits we wrote: codes, and each row's scale
         assert same_bits(loaded[name], written[name])
         assert same_bits(loaded[name + "_scale"], written[name + "_scale"])
-        assert torch.unique(loaded[name + "_scale"]).numel() == 1
+        if strategy == "tensor":
+            assert torch.unique(loaded[name + "_scale"]).numel() == 1
+        else:
+            q, rows = quantize_per_channel(source[name])
+            assert same_bits(written[name], q) and same_bits(written[name + "_scale"], rows.reshape(-1))
 
     def run(model):
         torch.manual_seed(0)

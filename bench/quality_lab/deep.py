@@ -72,11 +72,14 @@ class Policy:
     preset: str = "none"
     block_size: tuple[int, int] | None = None
     per_channel: bool = False
+    fast_accum: bool = False  # Fp8Linear.fast_accum: cuBLASLt's faster, less exact accumulation (GPU only)
 
     def config(self, blocks: int) -> dict[str, Any]:
         config: dict[str, Any] = {"preset": self.preset, "ignored_layers": self.kept(blocks)}
         if self.block_size:
             config["weight_block_size"] = list(self.block_size)
+        if self.per_channel:
+            config["weight_strategy"] = "channel"
         return config
 
 
@@ -120,24 +123,24 @@ POLICIES = [
     Policy("f", "embedders and output layers", lambda blocks: list(EMBEDDERS)),
     Policy("f+b", "embedders and output layers, per-channel scales", lambda blocks: list(EMBEDDERS), per_channel=True),
     Policy("f+c", "embedders and output layers, 128x128 blocks", lambda blocks: list(EMBEDDERS), block_size=(128, 128)),
+    Policy("a+fast", "every Linear, per-tensor, fast accumulation", fast_accum=True),
+    Policy("f+fast", "embedders and output layers, fast accumulation", lambda blocks: list(EMBEDDERS), fast_accum=True),
+    Policy("f+b+fast", "embedders and output layers, per-channel scales, fast accumulation",
+           lambda blocks: list(EMBEDDERS), per_channel=True, fast_accum=True),
 ]
 CONTROLS = ["fp32 (noise floor)", "e5m2 W8A8 (bad control)", "int4 weights (bad control)"]
 
 
 def quantize_policy(model: nn.Module, policy: Policy, blocks: int) -> nn.Module:
-    """``model`` with ``policy`` applied, in place. Per-channel scales have no ``Fp8Config`` option
-    (the converter reads them from other tools' checkpoints): the plan decides, ``Fp8Linear`` quantizes."""
-    from omni_fp8 import Fp8Config, Fp8Linear, quantize_
-    from omni_fp8.converter.plan import decide_linears
+    """``model`` with ``policy`` applied, in place, as a user would: ``quantize_`` with its config, then
+    ``fast_accum`` set on every FP8 layer where the policy asks for it."""
+    from omni_fp8 import Fp8Linear, quantize_
 
-    config = policy.config(blocks)
-    if not policy.per_channel:
-        return quantize_(model, config)
-    plan = decide_linears(model, Fp8Config.coerce(config))
-    with torch.no_grad():
-        for name, decision in plan.decisions.items():
-            if decision.quantized:
-                model.set_submodule(name, Fp8Linear.from_linear(model.get_submodule(name), per_channel=True))
+    model = quantize_(model, policy.config(blocks))
+    if policy.fast_accum:
+        for layer in model.modules():
+            if isinstance(layer, Fp8Linear):
+                layer.fast_accum = True
     return model
 
 
@@ -478,10 +481,12 @@ def controls(reference: nn.Module) -> dict[str, tuple[Callable[[], nn.Module], t
 
 def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.device, samples: int = 256,
              sample_steps: int = 20, record_samples: int = 16, results: Results | None = None,
-             deadline: Deadline | None = None, with_suggest: bool = True) -> dict[str, Any]:
+             deadline: Deadline | None = None, with_suggest: bool = True,
+             only: Sequence[str] | None = None) -> dict[str, Any]:
     """Every policy and control on ``reference`` (a BF16 lab DiT on ``device``), scored against its
     own BF16 samples; the per-block error growth; ``suggest``'s pick. Each part is caught and
-    reported on its own, so one failing part costs only itself."""
+    reported on its own, so one failing part costs only itself. ``only``: the policy keys to score
+    (all by default); the controls are always scored, as the gate's scale."""
     from omni_fp8.converter.options import DEFAULT_MAX_ERROR
 
     results = results or Results(None)
@@ -542,6 +547,7 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
             if policy is not None:
                 m["config"] = policy.config(blocks)
                 m["per_channel"] = policy.per_channel
+                m["fast_accum"] = policy.fast_accum
                 if real is not None:
                     m["real"] = real.stats(policy)
                 m["depth"] = per_block(reference, model, traces)
@@ -558,7 +564,7 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
     def make_policy(policy: Policy) -> Callable[[], nn.Module]:
         return lambda: quantize_policy(copy.deepcopy(reference), policy, blocks)
 
-    order = [p for p in POLICIES]
+    order = [p for p in POLICIES if only is None or p.key in only]
     first = {"a", "d", "f"}  # what decides the preset, first in case the run is cut short
     for policy in sorted(order, key=lambda p: p.key not in first):
         score(f"{policy.key}: {policy.name}", make_policy(policy), torch.bfloat16, policy)
@@ -669,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images of the recorded sampling run that suggest and the per-block study replay")
     parser.add_argument("--deadline", type=float, help="seconds from start after which evaluation parts are skipped")
     parser.add_argument("--no-suggest", action="store_true")
+    parser.add_argument("--policies", type=lambda v: [k.strip() for k in v.split(",") if k.strip()],
+                        help=f"comma-separated policy keys to score ({', '.join(p.key for p in POLICIES)}; default all)")
     parser.add_argument("--device", default="auto")
     a = parser.parse_args(argv)
     start = time.perf_counter()
@@ -691,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {}
     if a.what == "evaluate" and (a.out / "deep.json").is_file():
         previous = {k: v for k, v in json.loads((a.out / "deep.json").read_text()).items() if k == "train"}
+    unknown = sorted(set(a.policies or ()) - {p.key for p in POLICIES})
+    if unknown:
+        parser.error(f"unknown policy key(s) {', '.join(unknown)}; use {', '.join(p.key for p in POLICIES)}")
     results = Results(a.out, {"environment": env, **previous})
     log(f"{a.what}: torch {env['torch']}, diffusers {env['diffusers']}, {env['gpu'] or device}")
     if a.what in ("all", "train"):
@@ -717,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         evaluate(model, tokens, device=device, samples=a.samples, sample_steps=a.sample_steps,
                  record_samples=a.record_samples, results=results, deadline=Deadline(a.deadline, start),
-                 with_suggest=not a.no_suggest)
+                 with_suggest=not a.no_suggest, only=a.policies)
     except Exception as e:  # noqa: BLE001 - what was measured before stays in deep.json
         results.fail("evaluate", e)
         return 1
