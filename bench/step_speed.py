@@ -346,8 +346,9 @@ def quantized(name: str, variant: str, a) -> nn.Module:
     from omni_fp8.converter.plan import decide_linears
 
     model = build(name, a.blocks)
-    config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant))
-    if variant in ("tensor", "block", "tensor-fast"):
+    config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant),
+                       weight_strategy="channel" if variant == "channel" else None)
+    if variant in ("tensor", "block", "tensor-fast", "channel"):
         quantize_(model, config)
         if variant == "tensor-fast":  # cuBLASLt's fast accumulation, as diffusers' fp8r layer uses
             for layer in model.modules():
@@ -356,10 +357,7 @@ def quantized(name: str, variant: str, a) -> nn.Module:
         return model
     chosen = [n for n, d in decide_linears(model, config).decisions.items() if d.quantized]
     with torch.no_grad():
-        if variant == "channel":  # row-wise weight scales, as compressed-tensors / ModelOpt store them
-            for n in chosen:
-                model.set_submodule(n, Fp8Linear.from_linear(model.get_submodule(n), per_channel=True))
-        elif variant == "diffusers-fp8r":  # diffusers' own layer for BFL fp8r checkpoints
+        if variant == "diffusers-fp8r":  # diffusers' own layer for BFL fp8r checkpoints
             from diffusers.quantizers.bfl.utils import BFLFP8RLinear
             from omni_fp8.converter.numerics import quantize_per_channel
 
