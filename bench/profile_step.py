@@ -1,7 +1,7 @@
 """Where one transformer pass spends its GPU time, by kind of kernel: BF16 against FP8, eager and compiled.
 
 For each variant (``bf16``; FP8 ``tensor``, ``block``, ``channel`` as in step_speed.py; any of
-them with ``fused-`` in front: ``fuse_attention_`` applied) and mode (``eager``, ``graphs``, a
+them with ``fused-`` in front: ``fuse_blocks_`` applied) and mode (``eager``, ``graphs``, a
 torch.compile mode of the repeated blocks), one pass of the real-width model with ``--blocks``
 blocks is profiled (torch.profiler) and its kernel time is grouped into:
 
@@ -71,9 +71,9 @@ def build_variant(name: str, variant: str, a) -> nn.Module:
     else:
         model = step_speed.quantized(name, scheme, a)
     if fused:
-        from omni_fp8 import fuse_attention_
+        from omni_fp8 import fuse_blocks_
 
-        fuse_attention_(model)
+        fuse_blocks_(model)
     return model
 
 
@@ -90,7 +90,7 @@ def labels(model: nn.Module, enabled: bool) -> Iterator[None]:
     from diffusers.models.transformers import transformer_qwenimage as qwen
 
     from omni_fp8 import Fp8Linear
-    from omni_fp8.runtime import fused_attention
+    from omni_fp8.runtime import fused_blocks
 
     def ranged(label, fn):
         def run(*args, **kwargs):
@@ -99,7 +99,7 @@ def labels(model: nn.Module, enabled: bool) -> Iterator[None]:
         return run
 
     patches = [(attention_dispatch, "dispatch_attention_fn", "attention"), (qwen, "dispatch_attention_fn", "attention"),
-               (qwen, "apply_rotary_emb_qwen", "rope"), (fused_attention, "_rope", "rope"),
+               (qwen, "apply_rotary_emb_qwen", "rope"), (fused_blocks, "_rope", "rope"),
                (qwen.QwenImageTransformerBlock, "_modulate", "modulation")]
     try:
         from diffusers.models.transformers import transformer_z_image as zimage

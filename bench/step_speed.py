@@ -22,7 +22,7 @@ Timings: CUDA events, warm-up first, median of ``--repeat``. Ratios within one r
     python bench/step_speed.py --model qwen-image --scheme tensor --peer torchao-row \
         --peer diffusers-fp8r --mode eager --mode default             # peers in the same run
     python bench/step_speed.py --model qwen-image --scheme tensor --fused --no-linears
-                                      # + fuse_attention_ on BF16 and each scheme (fused-bf16, ...)
+                                      # + fuse_blocks_ on BF16 and each scheme (fused-bf16, ...)
 """
 
 from __future__ import annotations
@@ -344,13 +344,13 @@ PEERS = ("torchao-row", "torchao-tensor", "diffusers-fp8r")
 def quantized(name: str, variant: str, a) -> nn.Module:
     """The model in ``variant``: one of ours (``tensor``, ``block``, ``channel``, ``tensor-fast``)
     or a peer's, on the same seeded weights, quantizing the same Linears (``--preset``);
-    ``fused-<bf16 or one of ours>``: that model with ``fuse_attention_`` applied."""
-    from omni_fp8 import Fp8Config, Fp8Linear, fuse_attention_, quantize_
+    ``fused-<bf16 or one of ours>``: that model with ``fuse_blocks_`` applied."""
+    from omni_fp8 import Fp8Config, Fp8Linear, fuse_blocks_, quantize_
     from omni_fp8.converter.plan import decide_linears
 
     if variant.startswith("fused-"):
         base = variant.removeprefix("fused-")
-        return fuse_attention_(build(name, a.blocks) if base == "bf16" else quantized(name, base, a))
+        return fuse_blocks_(build(name, a.blocks) if base == "bf16" else quantized(name, base, a))
     model = build(name, a.blocks)
     config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant))
     if variant in ("tensor", "block", "tensor-fast"):
@@ -596,7 +596,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=0,
                         help="run everything in N fresh processes and report min / median / max")
     parser.add_argument("--fused", action="store_true",
-                        help="also each scheme and BF16 with fuse_attention_ (variants fused-bf16, fused-<scheme>)")
+                        help="also each scheme and BF16 with fuse_blocks_ (variants fused-bf16, fused-<scheme>)")
     parser.add_argument("--launch-costs", action="store_true", help="host time per call of an FP8 Linear's pieces")
     parser.add_argument("--host", action="store_true", help="also measure each variant's host time per forward")
     parser.add_argument("--no-linears", dest="linears", action="store_false",

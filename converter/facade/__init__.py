@@ -37,7 +37,7 @@ __version__ = tool_version()
 # TeaCache's hooks subclass diffusers' (importing diffusers.hooks takes seconds): loaded on first use.
 _LAZY = {"TeaCacheConfig": "teacache", "apply_teacache": "teacache", "remove_teacache": "teacache",
          "enable_cuda_graphs": "cuda_graphs", "disable_cuda_graphs": "cuda_graphs",
-         "fuse_attention_": "fused_attention", "unfuse_attention_": "fused_attention"}
+         "fuse_blocks_": "fused_blocks", "unfuse_blocks_": "fused_blocks"}
 
 
 def __getattr__(name: str) -> object:
@@ -59,8 +59,8 @@ __all__ = [
     "remove_teacache",
     "enable_cuda_graphs",
     "disable_cuda_graphs",
-    "fuse_attention_",
-    "unfuse_attention_",
+    "fuse_blocks_",
+    "unfuse_blocks_",
     "load_transformer",
     "quantize_",
     "sensitivity",

@@ -1,4 +1,4 @@
-"""``fuse_attention_`` on a GPU: fused against unfused, eager, CUDA graphs and compiled. Skipped without CUDA.
+"""``fuse_blocks_`` on a GPU: fused against unfused, eager, CUDA graphs and compiled. Skipped without CUDA.
 
 Tolerances, and why: the fused projections are one GEMM of three times the width, which
 cuBLASLt may run with another kernel (another summation order over K, or split-K) than the
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from omni_fp8 import Fp8Config, Fp8Linear, enable_cuda_graphs, fuse_attention_, quantize_, unfuse_attention_
+from omni_fp8 import Fp8Config, Fp8Linear, enable_cuda_graphs, fuse_blocks_, quantize_, unfuse_blocks_
 from omni_fp8.converter.demo import tiny_qwen_image, tiny_z_image
 from omni_fp8.runtime import kernels
 
@@ -44,8 +44,9 @@ def inputs(name: str, model: nn.Module, seed: int = 0) -> tuple[tuple, dict]:
     if name == "qwen-image":
         return (), {
             "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
-            "encoder_hidden_states": torch.randn(1, 16, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
-            "encoder_hidden_states_mask": torch.ones(1, 16, dtype=torch.bool, device="cuda"),
+            # 32 text tokens: more than the 16 rows that take the FP8-weight GEMV instead of quantize + GEMM
+            "encoder_hidden_states": torch.randn(1, 32, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
+            "encoder_hidden_states_mask": torch.ones(1, 32, dtype=torch.bool, device="cuda"),
             "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
             "img_shapes": [[(1, 8, 8)]],
             "return_dict": False,
@@ -65,7 +66,7 @@ def run(model, args_, kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
 @pytest.mark.parametrize("m", [8, 300])
 def test_fused_qkv_gemm_matches_three(scheme, m):
-    from omni_fp8.runtime.fused_attention import _fuse_linears
+    from omni_fp8.runtime.fused_blocks import _fuse_linears
 
     torch.manual_seed(0)
     block = (128, 128) if scheme == "block" else None
@@ -83,10 +84,11 @@ def test_fused_qkv_gemm_matches_three(scheme, m):
 @pytest.mark.parametrize("name", ["qwen-image", "z-image"])
 @pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=needs_fp8)])
 def test_fused_eager_and_cuda_graphs(name, fp8):
+    """Fused against unfused eager (tolerance: the module docstring), then replayed as CUDA graphs."""
     model = build(name, fp8)
     args_, kwargs = inputs(name, model)
     unfused = run(model, args_, kwargs)
-    fuse_attention_(model)
+    fuse_blocks_(model)
     fused = run(model, args_, kwargs)
     assert rel_l2(fused, unfused) < 1e-2
     enable_cuda_graphs(model)
@@ -95,7 +97,7 @@ def test_fused_eager_and_cuda_graphs(name, fp8):
     from omni_fp8 import disable_cuda_graphs
 
     disable_cuda_graphs(model)
-    unfuse_attention_(model)
+    unfuse_blocks_(model)
     assert torch.equal(run(model, args_, kwargs), unfused)
 
 
@@ -108,8 +110,51 @@ def test_fused_compiled_matches_unfused_compiled(name, fp8):
         model = build(name, fp8)
         args_, kwargs = inputs(name, model)
         if fuse:
-            fuse_attention_(model)
+            fuse_blocks_(model)
         model.compile_repeated_blocks(fullgraph=True)
         outs.append(run(model, args_, kwargs))
     torch._dynamo.reset()
     assert rel_l2(outs[1], outs[0]) < (2e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.parametrize("b,rows,k", [(1, 4096, 3072), (1, 256, 3072), (2, 77, 3072), (1, 7, 64)])
+@pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs_fp8)])
+def test_modulate_kernel_is_bit_exact(b, rows, k, quantize):
+    """One launch against eager torch's three (``_modulate``) and the quantization kernel: every bit."""
+    from omni_fp8.runtime.triton_kernels import HAVE_TRITON, modulate_cuda, quantize_activation_cuda
+
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    torch.manual_seed(b * rows + k)
+    x = torch.nn.functional.layer_norm(torch.randn(b, rows, k, device="cuda") * 3, (k,)).bfloat16()
+    mod = (torch.randn(b, 6 * k, device="cuda") * 0.5).bfloat16()[:, : 3 * k]  # as chunk leaves it
+    shift, scale, _ = mod.chunk(3, dim=-1)
+    y, q, s = modulate_cuda(x, shift, scale, quantize)
+    expected = x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    assert torch.equal(y, expected)
+    if quantize:
+        ref_q, ref_s = quantize_activation_cuda(expected.reshape(-1, k), 0)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+
+
+@needs_fp8
+def test_fused_modulation_hands_its_quantization_to_the_projections(monkeypatch):
+    """Per Qwen-Image block, the four Linears reading modulated activations (image and text QKV,
+    both MLP inputs) find them quantized: four quantization launches fewer per block."""
+    model = build("qwen-image", True)
+    args_, kwargs = inputs("qwen-image", model)
+    calls = {"n": 0}
+    real = kernels._quantize_for_gemm
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "_quantize_for_gemm", counting)
+    unfused = run(model, args_, kwargs)
+    before = calls["n"]
+    fuse_blocks_(model)
+    calls["n"] = 0
+    fused = run(model, args_, kwargs)
+    assert calls["n"] == before - 4 * len(model.transformer_blocks)
+    assert rel_l2(fused, unfused) < 1e-2

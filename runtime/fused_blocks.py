@@ -1,8 +1,9 @@
-"""Fused attention for Qwen-Image and Z-Image: one QKV projection per stream, RoPE Inductor can fuse.
+"""Fused transformer blocks for Qwen-Image and Z-Image: one QKV projection per stream, RoPE
+Inductor can fuse, AdaLN modulate and the FP8 activation quantization in one kernel.
 
 diffusers' attention processors for these models run three projections on the same input
 (``to_q``, ``to_k``, ``to_v``; Qwen-Image's text stream three more) and apply RoPE as complex
-multiplication. ``fuse_attention_`` replaces, in every attention of the model:
+multiplication. ``fuse_blocks_`` replaces, in every attention of the model:
 
 * the three projections of a stream by one Linear of their concatenated rows (``to_qkv``, and
   ``to_added_qkv`` for Qwen-Image's text stream, diffusers' own names for fused projections):
@@ -16,20 +17,27 @@ multiplication. ``fuse_attention_`` replaces, in every attention of the model:
   real-valued cos/sin under ``torch.compile`` (Inductor fuses real arithmetic with the QK-norm and
   the concatenation; complex arithmetic it leaves to separate kernels) and, in eager mode, writes
   the rotated queries and keys straight into the joint text|image buffer instead of
-  concatenating copies.
+  concatenating copies;
+* and in each Qwen-Image block, eager on a CUDA GPU, AdaLN's ``x * (1 + scale) + shift`` (three
+  kernels in diffusers' ``_modulate``) by one Triton kernel that also writes the result's
+  per-token FP8 codes when the block's projections are per-tensor/per-channel FP8: the
+  projection then finds its input already quantized (``kernels.share_quantized_activation``)
+  and launches only its GEMM. Same roundings as torch, so the same bits; under torch.compile
+  (which fuses this itself), on the CPU, with autograd or the per-token ``modulate_index``
+  (Qwen-Image-Edit), diffusers' own ``_modulate`` runs.
 
 Outputs: eager, the same operations on the same values as diffusers' processor (RoPE is its
 complex multiplication; only the GEMMs are wider), so they match it to the GEMMs' summation
 order; compiled, RoPE's real form rounds like the complex one up to the order of two float32
-products (tests/test_fused_attention.py states each bound).
+products (tests/test_fused_blocks.py states each bound).
 
-    >>> from omni_fp8 import fuse_attention_, unfuse_attention_
-    >>> fuse_attention_(pipe.transformer)    # after quantize_ / loading and fuse_lora; before
+    >>> from omni_fp8 import fuse_blocks_, unfuse_blocks_
+    >>> fuse_blocks_(pipe.transformer)    # after quantize_ / loading and fuse_lora; before
     >>> image = pipe(prompt).images[0]       # enable_cuda_graphs or torch.compile
-    >>> unfuse_attention_(pipe.transformer)  # back, bit for bit (to save, or to load a LoRA)
+    >>> unfuse_blocks_(pipe.transformer)  # back, bit for bit (to save, or to load a LoRA)
 
 The model's parameter names change while fused (``attn.to_qkv.*`` instead of ``attn.to_q.*``...),
-so unfuse before ``save_pretrained`` or loading a LoRA; ``fuse_attention_`` refuses layers that
+so unfuse before ``save_pretrained`` or loading a LoRA; ``fuse_blocks_`` refuses layers that
 carry LoRA adapters (fuse them into the weights and unload them first).
 """
 
@@ -43,17 +51,17 @@ from omni_fp8.converter.errors import ConfigError
 
 from .fp8_linear import Fp8Linear
 
-__all__ = ["fuse_attention_", "unfuse_attention_", "FusedQwenImageAttnProcessor", "FusedZImageAttnProcessor"]
+__all__ = ["fuse_blocks_", "unfuse_blocks_", "FusedQwenImageAttnProcessor", "FusedZImageAttnProcessor"]
 
 # stream: (fused module name, its parts in output order)
 _QKV = ("to_qkv", ("to_q", "to_k", "to_v"))
 _ADDED_QKV = ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"))
 
 
-def fuse_attention_(model: nn.Module) -> nn.Module:
-    """Fuse every Qwen-Image / Z-Image attention of ``model`` in place (see the module docstring);
-    returns ``model``. Calling it again changes nothing."""
-    attentions = _attentions(model, "fuse_attention_")
+def fuse_blocks_(model: nn.Module) -> nn.Module:
+    """Fuse every Qwen-Image / Z-Image attention and Qwen-Image modulation of ``model`` in place
+    (see the module docstring); returns ``model``. Calling it again changes nothing."""
+    attentions = _attentions(model, "fuse_blocks_")
     for name, attn, fused_cls in attentions:  # all checked before any is changed
         if isinstance(attn.processor, _FusedProcessor):
             continue
@@ -73,13 +81,19 @@ def fuse_attention_(model: nn.Module) -> nn.Module:
         processor._attention_backend = getattr(original, "_attention_backend", None)
         processor._parallel_config = getattr(original, "_parallel_config", None)
         attn.set_processor(processor)
+    for block in model.modules():
+        if type(block).__name__ == "QwenImageTransformerBlock" and not isinstance(block.__dict__.get("_modulate"), _Modulate):
+            block._modulate = _Modulate(block._modulate, quantize=_feeds_per_token_fp8(block))
     return model
 
 
-def unfuse_attention_(model: nn.Module) -> nn.Module:
-    """Undo ``fuse_attention_``: the original projections (same codes and scales, bit for bit) and
+def unfuse_blocks_(model: nn.Module) -> nn.Module:
+    """Undo ``fuse_blocks_``: the original projections (same codes and scales, bit for bit) and
     diffusers' processors; returns ``model``."""
-    for _, attn, _ in _attentions(model, "unfuse_attention_"):
+    for block in model.modules():
+        if isinstance(block.__dict__.get("_modulate"), _Modulate):
+            del block.__dict__["_modulate"]
+    for _, attn, _ in _attentions(model, "unfuse_blocks_"):
         processor = attn.processor
         if not isinstance(processor, _FusedProcessor):
             continue
@@ -117,14 +131,14 @@ def _attentions(model: nn.Module, purpose: str) -> list[tuple[str, nn.Module, ty
 def _check_fusable(name: str, layer: nn.Module) -> None:
     if hasattr(layer, "lora_A") or hasattr(layer, "base_layer"):
         raise ConfigError(
-            f"fuse_attention_: {name} carries LoRA adapters; fuse them into the weights and unload them "
-            "first (pipe.fuse_lora(); pipe.unload_lora_weights()), or load the LoRA after unfuse_attention_."
+            f"fuse_blocks_: {name} carries LoRA adapters; fuse them into the weights and unload them "
+            "first (pipe.fuse_lora(); pipe.unload_lora_weights()), or load the LoRA after unfuse_blocks_."
         )
     if not isinstance(layer, (nn.Linear, Fp8Linear)):
-        raise ConfigError(f"fuse_attention_: {name} is a {type(layer).__name__}, not a Linear; it cannot be fused.")
+        raise ConfigError(f"fuse_blocks_: {name} is a {type(layer).__name__}, not a Linear; it cannot be fused.")
     weight = layer.weight
     if weight.device.type == "meta":
-        raise ConfigError(f"fuse_attention_: {name} has no weights yet (meta device); load the model first.")
+        raise ConfigError(f"fuse_blocks_: {name} has no weights yet (meta device); load the model first.")
 
 
 def _fuse_linears(layers: list[nn.Module], names: tuple[str, ...]) -> nn.Module:
@@ -378,6 +392,41 @@ class FusedZImageAttnProcessor(_FusedProcessor):
         if len(attn.to_out) > 1:
             output = attn.to_out[1](output)
         return output
+
+
+def _feeds_per_token_fp8(block: nn.Module) -> bool:
+    """Whether the Linears reading this block's modulated activations are FP8 with per-token
+    activations (per-tensor / per-channel weights): then the modulation kernel quantizes too."""
+    readers = [getattr(block.attn, "to_qkv", None), getattr(block.attn, "to_added_qkv", None)]
+    for mlp in (getattr(block, "img_mlp", None), getattr(block, "txt_mlp", None)):
+        first = getattr(mlp, "net", [None])[0]
+        readers.append(getattr(first, "proj", None))
+    return any(isinstance(r, Fp8Linear) and r.block_size is None for r in readers)
+
+
+class _Modulate:
+    """``QwenImageTransformerBlock._modulate`` with the one-kernel path (module docstring); set on
+    the block instance, so unfusing is deleting it."""
+
+    def __init__(self, original, quantize: bool) -> None:
+        self.original = original
+        self.quantize = quantize
+
+    def __call__(self, x: torch.Tensor, mod_params: torch.Tensor, index: torch.Tensor | None = None):
+        from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON
+
+        if (torch.compiler.is_compiling() or index is not None or not HAVE_TRITON or not x.is_cuda or x.dim() != 3
+                or x.dtype != torch.bfloat16 or mod_params.dtype != torch.bfloat16 or torch.is_grad_enabled()):
+            return self.original(x, mod_params, index)
+        from .kernels import device_has_fp8, share_quantized_activation
+        from .triton_kernels import modulate_cuda
+
+        shift, scale, gate = mod_params.chunk(3, dim=-1)
+        quantize = self.quantize and x.shape[0] * x.shape[1] > GEMV_MAX_ROWS and device_has_fp8(x.device)
+        y, q, s = modulate_cuda(x, shift, scale, quantize)
+        if quantize:
+            share_quantized_activation(y, q, s)
+        return y, gate.unsqueeze(1)
 
 
 _PROCESSORS = {"QwenDoubleStreamAttnProcessor2_0": FusedQwenImageAttnProcessor,

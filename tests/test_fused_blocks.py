@@ -1,4 +1,4 @@
-"""``fuse_attention_`` on the CPU: the fused processors against diffusers' own, both families.
+"""``fuse_blocks_`` on the CPU: the fused processors against diffusers' own, both families.
 
 Tolerances, and why:
 
@@ -24,12 +24,13 @@ import pytest
 import torch
 from torch import nn
 
-from omni_fp8 import Fp8Config, Fp8Linear, fuse_attention_, quantize_, unfuse_attention_
+from omni_fp8 import Fp8Config, Fp8Linear, fuse_blocks_, quantize_, unfuse_blocks_
 from omni_fp8.converter.demo import tiny_qwen_image, tiny_z_image
 from omni_fp8.converter.errors import ConfigError
-from omni_fp8.runtime.fused_attention import (
+from omni_fp8.runtime.fused_blocks import (
     FusedQwenImageAttnProcessor,
     FusedZImageAttnProcessor,
+    _Modulate,
     _rope_complex,
     _rope_real,
     _Stacked,
@@ -84,7 +85,7 @@ def test_fused_eager_is_bit_identical_and_unfuses_exactly(name, processor, schem
     model = build(name, scheme)
     args_, kwargs = inputs(name, model)
     reference, before = run(model, args_, kwargs), state(model)
-    assert fuse_attention_(model) is model
+    assert fuse_blocks_(model) is model
     attentions = [m for m in model.modules() if hasattr(m, "to_qkv")]
     assert attentions and all(type(a.processor) is processor for a in attentions)
     assert not any(hasattr(a, "to_q") for a in attentions)
@@ -95,11 +96,16 @@ def test_fused_eager_is_bit_identical_and_unfuses_exactly(name, processor, schem
         assert isinstance(fused, _Stacked)
     else:
         assert isinstance(fused, Fp8Linear) and fused.scheme == ("fp8_block" if scheme == "block32" else "fp8_channel")
+    if name == "qwen-image":  # the one-kernel modulation (CUDA only: here diffusers' _modulate runs)
+        modulations = [b.__dict__.get("_modulate") for b in model.transformer_blocks]
+        assert all(isinstance(m, _Modulate) for m in modulations)
+        assert all(m.quantize == (scheme in ("tensor", "channel")) for m in modulations)
     assert torch.equal(run(model, args_, kwargs), reference)
-    fuse_attention_(model)  # a second call changes nothing
+    fuse_blocks_(model)  # a second call changes nothing
     assert torch.equal(run(model, args_, kwargs), reference)
 
-    unfuse_attention_(model)
+    unfuse_blocks_(model)
+    assert not any("_modulate" in m.__dict__ for m in model.modules())
     after = state(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert all(type(a.processor).__name__ != processor.__name__ for a in model.modules() if hasattr(a, "processor"))
@@ -112,7 +118,7 @@ def test_fused_batch_of_two(name):
     model = build(name, "tensor")
     args_, kwargs = inputs(name, model, batch=2)
     reference = run(model, args_, kwargs)
-    fuse_attention_(model)
+    fuse_blocks_(model)
     assert torch.equal(run(model, args_, kwargs), reference)
 
 
@@ -124,11 +130,11 @@ def test_mixed_precision_parts_stay_apart_with_the_same_result():
             setattr(block.attn, part, Fp8Linear.from_linear(getattr(block.attn, part)))
     args_, kwargs = inputs("qwen-image", model)
     reference, before = run(model, args_, kwargs), state(model)
-    fuse_attention_(model)
+    fuse_blocks_(model)
     assert isinstance(model.transformer_blocks[0].attn.to_qkv, _Stacked)
     assert type(model.transformer_blocks[0].attn.to_added_qkv) is nn.Linear
     assert torch.equal(run(model, args_, kwargs), reference)
-    unfuse_attention_(model)
+    unfuse_blocks_(model)
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
 
 
@@ -154,7 +160,7 @@ def test_fused_compiles_fullgraph(scheme):
         model = build("qwen-image", scheme)
         args_, kwargs = inputs("qwen-image", model)
         if fuse:
-            fuse_attention_(model)
+            fuse_blocks_(model)
         model.compile_repeated_blocks(fullgraph=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -175,22 +181,61 @@ def test_refuses_lora_adapters_before_changing_anything():
     model = build("qwen-image", "bf16")
     model.add_adapter(LoraConfig(r=4, target_modules=["to_k"]))
     with pytest.raises(ConfigError, match=r"transformer_blocks\.0\.attn\.to_k carries LoRA adapters; fuse them"):
-        fuse_attention_(model)
+        fuse_blocks_(model)
     assert all(hasattr(b.attn, "to_q") and not hasattr(b.attn, "to_qkv") for b in model.transformer_blocks)
 
 
 def test_refuses_models_without_these_attentions():
-    with pytest.raises(ConfigError, match="fuse_attention_: Sequential has no Qwen-Image or Z-Image attention"):
-        fuse_attention_(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ConfigError, match="fuse_blocks_: Sequential has no Qwen-Image or Z-Image attention"):
+        fuse_blocks_(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ConfigError, match="takes a diffusers transformer"):
-        fuse_attention_("transformer")  # type: ignore[arg-type]
+        fuse_blocks_("transformer")  # type: ignore[arg-type]
 
 
 def test_keeps_the_attention_backend_and_parallel_config():
     model = build("z-image", "bf16")
     attn = model.layers[0].attention
     attn.processor._attention_backend, attn.processor._parallel_config = "native", "config"
-    fuse_attention_(model)
+    fuse_blocks_(model)
     assert (attn.processor._attention_backend, attn.processor._parallel_config) == ("native", "config")
-    unfuse_attention_(model)
+    unfuse_blocks_(model)
     assert (attn.processor._attention_backend, attn.processor._parallel_config) == ("native", "config")
+
+
+INTERPRETED_MODULATE = r"""
+import torch
+from omni_fp8.runtime.triton_kernels import modulate_cuda
+
+def bf16(t):  # Triton 3.6's interpreter casts float32 to BF16 by truncation, not rounding
+    return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+
+torch.manual_seed(0)
+for b, rows, k in [(1, 37, 96), (2, 5, 3072), (2, 1, 64)]:
+    x = torch.randn(b, rows, k).bfloat16()
+    mod = (torch.randn(b, 6 * k) * 0.5).bfloat16()[:, : 3 * k]  # chunk views: row stride 6k
+    shift, scale, _ = mod.chunk(3, dim=-1)
+    y, q, s = modulate_cuda(x, shift, scale, True)
+    expected = bf16(bf16(x.float() * bf16(1 + scale.float()[:, None])) + shift.float()[:, None])
+    assert torch.equal(y.float(), expected), (b, rows, k)
+    amax = y.float().abs().amax(-1, keepdim=True).reshape(-1, 1)
+    assert torch.equal(s, torch.where(amax == 0, 1.0, torch.clamp(amax / 448, min=2.0 ** -126))), (b, rows, k)
+    assert q.shape == (b * rows, k) and s.shape == (b * rows, 1)
+print("ok")
+"""
+
+
+def test_modulate_kernel_in_the_triton_interpreter():
+    """The kernel's indexing (rows per sample, the modulation's row stride, masking past K) and
+    its scales, run by Triton's CPU interpreter. Its casts are not the GPU's (BF16 truncated,
+    E4M3 off by a binade), so the reference truncates too and the FP8 codes are left to
+    tests/test_gpu_fused_blocks.py, which checks every bit against torch."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed (CPU-only install)")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_MODULATE], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
