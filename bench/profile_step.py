@@ -13,6 +13,7 @@ blocks is profiled (torch.profiler) and its kernel time is grouped into:
     norm          LayerNorm / RMSNorm (QK-norm), alone or with what Inductor fused into them
     rope          rotary embedding (complex multiplication, or its real form)
     modulation    AdaLN modulate and gates, GELU/SiLU, residual adds: the other elementwise work
+                  (``fused-`` FP8 variants: the modulation kernel that also writes the FP8 codes)
     copies        cat / contiguous / dtype casts that only move data
     other         the rest
 
@@ -147,6 +148,8 @@ def classify(kernel: str, label: str | None) -> str:
         return "fp8 quant"
     if "fp8_weight_gemv" in name:
         return "fp8 gemv"
+    if "_modulate_rows" in name:  # fuse_blocks_: AdaLN modulate, with the FP8 quantization when FP8
+        return "modulation"
     if label == "attention" or _ATTENTION.search(name):
         return "attention"
     if _GEMM.search(name):

@@ -40,6 +40,7 @@ def test_profile_step_smoke_on_cpu(tmp_path, model, capsys):
     ("_quantize_rows", "linear", "fp8 quant"),
     ("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_eq_gelu_0", None, "fp8 quant"),
     ("_fp8_weight_gemv", "linear", "fp8 gemv"),
+    ("_modulate_rows", None, "modulation"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", None, "attention"),
     ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", None, "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", None, "attention"),
