@@ -44,12 +44,13 @@ carry LoRA adapters (fuse them into the weights and unload them first).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from omni_fp8.converter.errors import ConfigError
 
 from .fp8_linear import Fp8Linear
+from .kernels import device_has_fp8, share_quantized_activation
+from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, modulate_cuda
 
 __all__ = ["fuse_blocks_", "unfuse_blocks_", "FusedQwenImageAttnProcessor", "FusedZImageAttnProcessor"]
 
@@ -413,14 +414,9 @@ class _Modulate:
         self.quantize = quantize
 
     def __call__(self, x: torch.Tensor, mod_params: torch.Tensor, index: torch.Tensor | None = None):
-        from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON
-
         if (torch.compiler.is_compiling() or index is not None or not HAVE_TRITON or not x.is_cuda or x.dim() != 3
                 or x.dtype != torch.bfloat16 or mod_params.dtype != torch.bfloat16 or torch.is_grad_enabled()):
             return self.original(x, mod_params, index)
-        from .kernels import device_has_fp8, share_quantized_activation
-        from .triton_kernels import modulate_cuda
-
         shift, scale, gate = mod_params.chunk(3, dim=-1)
         quantize = self.quantize and x.shape[0] * x.shape[1] > GEMV_MAX_ROWS and device_has_fp8(x.device)
         y, q, s = modulate_cuda(x, shift, scale, quantize)
