@@ -239,3 +239,14 @@ def test_modulate_kernel_in_the_triton_interpreter():
     proc = subprocess.run([sys.executable, "-c", INTERPRETED_MODULATE], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_saving_a_fused_fp8_model_is_refused_until_unfused(tmp_path):
+    model = build("qwen-image", "tensor")
+    fuse_blocks_(model)
+    with pytest.raises(ConfigError, match=r"transformer_blocks\.0\.attn\.to_qkv is a fused projection .*unfuse_blocks_"):
+        model.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    unfuse_blocks_(model)
+    model.save_pretrained(tmp_path / "unfused")
+    assert (tmp_path / "unfused" / "fp8_manifest.json").exists()
