@@ -63,6 +63,7 @@ def fuse_blocks_(model: nn.Module) -> nn.Module:
     """Fuse every Qwen-Image / Z-Image attention and Qwen-Image modulation of ``model`` in place
     (see the module docstring); returns ``model``. Calling it again changes nothing."""
     attentions = _attentions(model, "fuse_blocks_")
+    _refuse_offloading(model)
     for name, attn, fused_cls in attentions:  # all checked before any is changed
         if isinstance(attn.processor, _FusedProcessor):
             continue
@@ -127,6 +128,19 @@ def _attentions(model: nn.Module, purpose: str) -> list[tuple[str, nn.Module, ty
             "QwenDoubleStreamAttnProcessor2_0 / ZSingleStreamAttnProcessor); pass such a transformer."
         )
     return found
+
+
+def _refuse_offloading(model: nn.Module) -> None:
+    """Offloading hooks know the layers they were set up with; a fused layer made afterwards
+    would stay wherever its parts were (the CPU)."""
+    for name, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        offload = [h for h in getattr(registry, "hooks", {}) if "offload" in h]
+        if offload or (name and hasattr(module, "_hf_hook")):
+            raise ConfigError(
+                f"fuse_blocks_: {name or type(model).__name__} has offloading hooks "
+                f"({', '.join(offload) or 'accelerate'}); call fuse_blocks_ before enabling offloading."
+            )
 
 
 def _check_fusable(name: str, layer: nn.Module) -> None:

@@ -250,3 +250,13 @@ def test_saving_a_fused_fp8_model_is_refused_until_unfused(tmp_path):
     unfuse_blocks_(model)
     model.save_pretrained(tmp_path / "unfused")
     assert (tmp_path / "unfused" / "fp8_manifest.json").exists()
+
+
+def test_refuses_a_model_with_offloading_hooks():
+    """Hooks set up before fusing would never move the fused layers: refused before any change."""
+    model = build("qwen-image", "bf16")
+    model.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(ConfigError, match=r"has offloading hooks \(group_offloading\); call fuse_blocks_ before"):
+        fuse_blocks_(model)
+    assert all(hasattr(b.attn, "to_q") for b in model.transformer_blocks)
