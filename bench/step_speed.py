@@ -21,6 +21,8 @@ Timings: CUDA events, warm-up first, median of ``--repeat``. Ratios within one r
         --processes 10 --host --no-linears                            # eager, fresh processes
     python bench/step_speed.py --model qwen-image --scheme tensor --peer torchao-row \
         --peer diffusers-fp8r --mode eager --mode default             # peers in the same run
+    python bench/step_speed.py --model qwen-image --scheme tensor --fused --no-linears
+                                      # + fuse_blocks_ on BF16 and each scheme (fused-bf16, ...)
 """
 
 from __future__ import annotations
@@ -341,10 +343,14 @@ PEERS = ("torchao-row", "torchao-tensor", "diffusers-fp8r")
 
 def quantized(name: str, variant: str, a) -> nn.Module:
     """The model in ``variant``: one of ours (``tensor``, ``block``, ``channel``, ``tensor-fast``)
-    or a peer's, on the same seeded weights, quantizing the same Linears (``--preset``)."""
-    from omni_fp8 import Fp8Config, Fp8Linear, quantize_
+    or a peer's, on the same seeded weights, quantizing the same Linears (``--preset``);
+    ``fused-<bf16 or one of ours>``: that model with ``fuse_blocks_`` applied."""
+    from omni_fp8 import Fp8Config, Fp8Linear, fuse_blocks_, quantize_
     from omni_fp8.converter.plan import decide_linears
 
+    if variant.startswith("fused-"):
+        base = variant.removeprefix("fused-")
+        return fuse_blocks_(build(name, a.blocks) if base == "bf16" else quantized(name, base, a))
     model = build(name, a.blocks)
     config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant),
                        weight_strategy="channel" if variant == "channel" else None)
@@ -413,7 +419,7 @@ def run_model(name: str, a) -> dict:
         print(f"  {name} bf16 host per forward: {host['bf16']:.1f} ms", flush=True)
     del model
     torch.cuda.empty_cache()
-    errors, memory = {}, {}
+    errors, memory, eager_out, vs_unfused = {}, {}, {"bf16": reference} if "eager" in a.modes else {}, {}
     for variant in a.variants:
         try:
             model = quantized(name, variant, a)
@@ -432,6 +438,10 @@ def run_model(name: str, a) -> dict:
             timings[(variant, mode)] = {"ms": ms, "compile_s": cs}
             if mode == "eager":
                 errors[variant] = ((out - reference).norm() / reference.norm()).item()
+                eager_out[variant] = out
+                unfused = eager_out.get(variant.removeprefix("fused-")) if variant.startswith("fused-") else None
+                if unfused is not None:  # what fusing alone changed
+                    vs_unfused[variant] = ((out - unfused).norm() / unfused.norm()).item()
             print(f"  {name} {variant} {mode}: {ms:.1f} ms (first call {cs:.1f} s)", flush=True)
         if a.host:
             host[variant] = host_ms(model, name)
@@ -441,6 +451,7 @@ def run_model(name: str, a) -> dict:
     result["timings"] = {f"{k[0]}/{k[1]}": v for k, v in timings.items()}
     result["host_ms"] = host
     result["rel_l2_vs_bf16"] = errors
+    result["rel_l2_fused_vs_unfused"] = vs_unfused
     result["fp8_weight_bytes"] = memory
     if not a.quiet_table:
         print_table(result, a, t_lin, timings, memory, errors)
@@ -479,8 +490,8 @@ def print_table(result, a, t_lin, timings, memory, errors) -> None:
             if (variant, mode) not in timings:
                 continue
             ms = timings[(variant, mode)]["ms"]
-            key = "fp8_block" if variant == "block" else "fp8_tensor"
-            if t_lin:
+            key = "fp8_block" if variant.removeprefix("fused-") == "block" else "fp8_tensor"
+            if t_lin and variant != "fused-bf16":
                 saving = t_lin["bf16"] - t_lin[key]
                 ceiling = f"{base / (base - saving):>7.2f}x" if base > saving else f"{'inf':>8}"
                 reached = f"{100 * (base - ms) / saving:>9.0f}%" if saving > 0 else f"{'':>10}"
@@ -489,6 +500,10 @@ def print_table(result, a, t_lin, timings, memory, errors) -> None:
             print(f"{variant:<16} {mode:<26} {ms:>8.1f} {base / ms:>7.2f}x {ceiling} {reached} "
                   f"{timings[(variant, mode)]['compile_s']:>9.1f}s {memory[variant] / 2**30:>5.1f} GiB "
                   f"{_error_text(errors.get(variant)):>8}")
+    fused = result.get("rel_l2_fused_vs_unfused")
+    if fused:
+        print("Fused attention vs the same model unfused, eager, rel. L2: "
+              + ", ".join(f"{v} {e:.4f}" for v, e in fused.items()))
     if t_lin:
         print(f"{'Linear MxNxK':<20} {'count':>5} {'bf16 us':>8} {'fp8 us':>8} {'block us':>9} {'quant us':>9} {'gemv us':>8}")
         for shape, v in result["linears"].items():
@@ -578,6 +593,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--processes", type=int, default=0,
                         help="run everything in N fresh processes and report min / median / max")
+    parser.add_argument("--fused", action="store_true",
+                        help="also each scheme and BF16 with fuse_blocks_ (variants fused-bf16, fused-<scheme>)")
     parser.add_argument("--launch-costs", action="store_true", help="host time per call of an FP8 Linear's pieces")
     parser.add_argument("--host", action="store_true", help="also measure each variant's host time per forward")
     parser.add_argument("--no-linears", dest="linears", action="store_false",
@@ -591,6 +608,8 @@ def main() -> None:
     a.model = a.model or list(MODELS)
     a.schemes = a.schemes or ["tensor", "block"]
     a.variants = [*a.schemes, *a.peers]
+    if a.fused:  # right after its unfused form, so the fused-vs-unfused error has its reference
+        a.variants = ["fused-bf16"] + [v for s in a.schemes for v in (s, f"fused-{s}")] + a.peers
     a.modes = a.modes or ["eager", "default"]
     if a.processes:
         processes(a, sys.argv[1:])

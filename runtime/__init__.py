@@ -3,7 +3,8 @@
 ``loader`` (``load_transformer``), ``quantize`` (``quantize_`` for a model in memory),
 ``fp8_linear`` (the module), ``kernels`` (the one matmul dispatch: cuBLASLt FP8 GEMMs on FP8
 GPUs, an exact float32 emulation elsewhere), ``triton_kernels`` (activation quantization, few-row FP8 GEMV),
-``cuda_graphs`` (eager blocks replayed as CUDA graphs).
+``cuda_graphs`` (eager blocks replayed as CUDA graphs), ``fused_blocks`` (one QKV GEMM per
+stream, RoPE that ``torch.compile`` fuses, AdaLN modulate with the FP8 quantization in one kernel).
 """
 
 from .fp8_linear import Fp8Linear

@@ -127,6 +127,12 @@ def _save_pretrained(self: nn.Module, save_directory: str | Path, *args: Any, **
     from omni_fp8.converter.source import MANIFEST_NAME
     from omni_fp8.converter.writer import write_json
 
+    fused = next((name for name, m in self.named_modules() if hasattr(m, "omni_fused_parts")), None)
+    if fused is not None:  # its files would hold to_qkv where every loader expects to_q, to_k, to_v
+        raise ConfigError(
+            f"save_pretrained: {fused} is a fused projection (fuse_blocks_); call omni_fp8.unfuse_blocks_(model) "
+            "before saving, so that the files keep diffusers' layer names."
+        )
     if kwargs.get("safe_serialization", True) is False or kwargs.get("variant"):
         raise ConfigError(
             "save_pretrained of an FP8 model writes safetensors without a variant (the files omni-fp8 and vLLM-style "

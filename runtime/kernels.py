@@ -190,25 +190,33 @@ def _small_m(x2, weight, scale, bias, block_size):
     return fp8_weight_gemv(x2, weight, scale, bias, block_size)
 
 
-# Sibling projections (to_q, to_k, to_v) read the same activation: quantize it once. The entry
-# keeps the input alive, so its memory cannot be reused by another tensor while it is cached.
+# Sibling projections (to_q, to_k, to_v) read the same activation: quantize it once. An entry
+# keeps its input alive, so its memory cannot be reused by another tensor while it is cached.
+# Two entries: a fused AdaLN kernel (fused_blocks) quantizes a block's image and text
+# activations one after the other, before either stream's projections run.
 _last_quantized: list[tuple] = []
+_SHARED_ENTRIES = 2
 
 
 def forget_shared_activation() -> None:
-    """Drop the cached quantized activation (CUDA graph capture: it must not outlive the graph)."""
+    """Drop the cached quantized activations (CUDA graph capture: they must not outlive the graph)."""
     _last_quantized.clear()
+
+
+def share_quantized_activation(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+    """Record ``q``, ``s`` (per token, ``[M, K]`` and ``[M, 1]``) as the quantization of ``x``, made
+    by the kernel that produced ``x``: the next per-tensor FP8 Linear called on ``x`` uses them."""
+    _last_quantized[:] = [(x, x._version, None, q, s), *_last_quantized[: _SHARED_ENTRIES - 1]]
 
 
 def _shared_quantize(x: torch.Tensor, x2: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.compiler.is_compiling():
         return _quantize_for_gemm(x2, group)  # Inductor fuses this into the producer; CSE shares it
-    if _last_quantized:
-        cached_x, version, cached_group, q, s = _last_quantized[0]
+    for cached_x, version, cached_group, q, s in _last_quantized:
         if cached_x is x and version == x._version and cached_group == group:
             return q, s
     q, s = _quantize_for_gemm(x2, group)
-    _last_quantized[:] = [(x, x._version, group, q, s)]
+    _last_quantized[:] = [(x, x._version, group, q, s), *_last_quantized[: _SHARED_ENTRIES - 1]]
     return q, s
 
 

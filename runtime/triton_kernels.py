@@ -18,7 +18,8 @@ import torch
 
 from omni_fp8.converter.numerics import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
-__all__ = ["HAVE_TRITON", "quantize_activation_cuda", "fp8_weight_gemv", "gemv_supports", "GEMV_MAX_ROWS"]
+__all__ = ["HAVE_TRITON", "quantize_activation_cuda", "fp8_weight_gemv", "gemv_supports", "GEMV_MAX_ROWS",
+           "modulate_cuda"]
 
 try:
     import triton
@@ -77,6 +78,66 @@ if HAVE_TRITON:
         q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_LIMIT), FP8_LIMIT)
         tl.store(q_ptr + row * stride_q + cols, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
         tl.store(s_ptr + row * stride_s_row + g * stride_s_group, scale)
+
+
+    @triton.jit
+    def _modulate_rows(
+        x_ptr, shift_ptr, scale_ptr, y_ptr, q_ptr, s_ptr, K, rows_per_sample, stride_x, stride_mod,
+        BLOCK: tl.constexpr, QUANT: tl.constexpr, FP8_LIMIT: tl.constexpr, MIN_SCALE: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        sample = row // rows_per_sample
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + sample * stride_mod + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + sample * stride_mod + offs, mask=mask, other=0.0).to(tl.float32)
+        # Eager torch's roundings: each BF16 op of x * (1 + scale) + shift rounded to BF16 in turn.
+        one_plus = (1.0 + scale).to(tl.bfloat16).to(tl.float32)
+        y = (x * one_plus).to(tl.bfloat16).to(tl.float32)
+        y = (y + shift).to(tl.bfloat16)
+        tl.store(y_ptr + row * K + offs, y, mask=mask)
+        if QUANT:  # _quantize_rows on the BF16 result, per token
+            v = y.to(tl.float32)
+            amax = tl.max(tl.abs(v), axis=0)
+            s = tl.where(amax == 0.0, 1.0, tl.maximum(tl.math.div_rn(amax, FP8_LIMIT), MIN_SCALE))
+            q = tl.minimum(tl.maximum(tl.math.div_rn(v, s), -FP8_LIMIT), FP8_LIMIT)
+            tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(s_ptr + row, s)
+
+
+def modulate_cuda(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, quantize: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """AdaLN's ``x * (1 + scale) + shift`` in one launch, and with ``quantize`` the result's
+    per-token FP8 codes and scales (``[B*S, K]``, ``[B*S, 1]``), as ``quantize_activation_cuda``
+    gives them.
+
+    ``x`` is ``[B, S, K]`` BF16 (the LayerNorm's output), ``shift``/``scale`` ``[B, K]`` (views
+    with any row stride, as ``chunk`` leaves them). Eager torch runs this as three launches plus
+    the quantization's, each reading and writing the activation; here it is read once and
+    written once (plus its FP8 copy), with the same roundings, so the same bits.
+    """
+    b, rows, k = x.shape
+    x2 = x.reshape(b * rows, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((b * rows, k), dtype=torch.bfloat16, device=x.device)
+    q = torch.empty((b * rows, k), dtype=FP8_DTYPE, device=x.device) if quantize else None
+    s = torch.empty((b * rows, 1), dtype=torch.float32, device=x.device) if quantize else None
+    if shift.stride(-1) != 1 or scale.stride(-1) != 1 or (b > 1 and shift.stride(0) != scale.stride(0)):
+        shift, scale = shift.contiguous(), scale.contiguous()
+    if b * rows:
+        block, warps = _launch_shape(k)
+        stride_mod = shift.stride(0) if b > 1 else 0
+        key = (x.device.index, k, rows, x2.stride(0), stride_mod, quantize,
+               x2.data_ptr() % 16 == 0, shift.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0)
+        _MODULATE.launch(
+            key, (b * rows, 1), (x2, shift, scale, y, q if quantize else y, s if quantize else y, k, rows,
+                                 x2.stride(0), stride_mod),
+            {"BLOCK": block, "QUANT": quantize, "FP8_LIMIT": FP8_MAX, "MIN_SCALE": MIN_SCALE}, num_warps=warps,
+        )
+    return y.view(b, rows, k), q, s
 
 
 def _scale_layout(m: int, groups: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -229,6 +290,7 @@ def _no_hook(hook) -> bool:
 if HAVE_TRITON:
     _QUANTIZE = _Launcher(_quantize_rows)
     _GEMV = _Launcher(_fp8_weight_gemv)
+    _MODULATE = _Launcher(_modulate_rows)
 
 
 @functools.lru_cache(maxsize=None)

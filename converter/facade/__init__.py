@@ -36,7 +36,8 @@ __version__ = tool_version()
 
 # TeaCache's hooks subclass diffusers' (importing diffusers.hooks takes seconds): loaded on first use.
 _LAZY = {"TeaCacheConfig": "teacache", "apply_teacache": "teacache", "remove_teacache": "teacache",
-         "enable_cuda_graphs": "cuda_graphs", "disable_cuda_graphs": "cuda_graphs"}
+         "enable_cuda_graphs": "cuda_graphs", "disable_cuda_graphs": "cuda_graphs",
+         "fuse_blocks_": "fused_blocks", "unfuse_blocks_": "fused_blocks"}
 
 
 def __getattr__(name: str) -> object:
@@ -58,6 +59,8 @@ __all__ = [
     "remove_teacache",
     "enable_cuda_graphs",
     "disable_cuda_graphs",
+    "fuse_blocks_",
+    "unfuse_blocks_",
     "load_transformer",
     "quantize_",
     "sensitivity",

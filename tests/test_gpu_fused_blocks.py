@@ -1,0 +1,160 @@
+"""``fuse_blocks_`` on a GPU: fused against unfused, eager, CUDA graphs and compiled. Skipped without CUDA.
+
+Tolerances, and why: the fused projections are one GEMM of three times the width, which
+cuBLASLt may run with another kernel (another summation order over K, or split-K) than the
+three narrow ones, so outputs can differ by a BF16 rounding of some elements (rel. L2 ~1e-3);
+over two blocks of a random-weight model that stays below 1e-2. FP8 amplifies a flip of an
+activation's rounding, so compiled FP8 gets the FP8 bound used elsewhere in the tests (2e-2 on
+outputs whose FP8-vs-BF16 error is ~5e-2). CUDA graphs replay the fused eager block exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from omni_fp8 import Fp8Config, Fp8Linear, enable_cuda_graphs, fuse_blocks_, quantize_, unfuse_blocks_
+from omni_fp8.converter.demo import tiny_qwen_image, tiny_z_image
+from omni_fp8.runtime import kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+needs_fp8 = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.device_has_fp8("cuda")), reason="needs a GPU with FP8 GEMMs"
+)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def build(name: str, fp8: bool) -> nn.Module:
+    model = (tiny_qwen_image if name == "qwen-image" else tiny_z_image)(seed=5).to("cuda", torch.bfloat16)
+    if fp8:
+        quantize_(model, Fp8Config(preset="none"))
+    return model
+
+
+def inputs(name: str, model: nn.Module, seed: int = 0) -> tuple[tuple, dict]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cfg = model.config
+    if name == "qwen-image":
+        return (), {
+            "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
+            # 32 text tokens: more than the 16 rows that take the FP8-weight GEMV instead of quantize + GEMM
+            "encoder_hidden_states": torch.randn(1, 32, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
+            "encoder_hidden_states_mask": torch.ones(1, 32, dtype=torch.bool, device="cuda"),
+            "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
+            "img_shapes": [[(1, 8, 8)]],
+            "return_dict": False,
+        }
+    latents = [torch.randn(cfg.in_channels, 1, 16, 16, device="cuda", generator=g).bfloat16()]
+    caps = [torch.randn(12, cfg.cap_feat_dim, device="cuda", generator=g).bfloat16()]
+    return (latents, torch.full((1,), 0.5, device="cuda").bfloat16(), caps), {"return_dict": False}
+
+
+def run(model, args_, kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(*args_, **kwargs)[0]
+    return torch.stack(out) if isinstance(out, (list, tuple)) else out
+
+
+@needs_fp8
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("m", [8, 300])
+def test_fused_qkv_gemm_matches_three(scheme, m):
+    from omni_fp8.runtime.fused_blocks import _fuse_linears
+
+    torch.manual_seed(0)
+    block = (128, 128) if scheme == "block" else None
+    layers = [Fp8Linear.from_linear(nn.Linear(1024, 1024).to(torch.bfloat16), block, per_channel=scheme == "channel").cuda()
+              for _ in range(3)]
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    fused = _fuse_linears(layers, ("to_q", "to_k", "to_v"))
+    assert isinstance(fused, Fp8Linear) and fused._gemm_fn is not None
+    with torch.no_grad():
+        kernels.forget_shared_activation()
+        three = torch.cat([layer(x) for layer in layers], dim=-1)
+        assert rel_l2(fused(x), three) < 5e-3
+
+
+@pytest.mark.parametrize("name", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=needs_fp8)])
+def test_fused_eager_and_cuda_graphs(name, fp8):
+    """Fused against unfused eager (tolerance: the module docstring), then replayed as CUDA graphs."""
+    model = build(name, fp8)
+    args_, kwargs = inputs(name, model)
+    unfused = run(model, args_, kwargs)
+    fuse_blocks_(model)
+    fused = run(model, args_, kwargs)
+    assert rel_l2(fused, unfused) < 1e-2
+    enable_cuda_graphs(model)
+    for _ in range(3):  # warm-up, capture, replay
+        assert torch.equal(run(model, args_, kwargs), fused)
+    from omni_fp8 import disable_cuda_graphs
+
+    disable_cuda_graphs(model)
+    unfuse_blocks_(model)
+    assert torch.equal(run(model, args_, kwargs), unfused)
+
+
+@pytest.mark.parametrize("name", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=needs_fp8)])
+def test_fused_compiled_matches_unfused_compiled(name, fp8):
+    outs = []
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        model = build(name, fp8)
+        args_, kwargs = inputs(name, model)
+        if fuse:
+            fuse_blocks_(model)
+        model.compile_repeated_blocks(fullgraph=True)
+        outs.append(run(model, args_, kwargs))
+    torch._dynamo.reset()
+    assert rel_l2(outs[1], outs[0]) < (2e-2 if fp8 else 1e-2)
+
+
+@pytest.mark.parametrize("b,rows,k", [(1, 4096, 3072), (1, 256, 3072), (2, 77, 3072), (1, 7, 64)])
+@pytest.mark.parametrize("quantize", [False, pytest.param(True, marks=needs_fp8)])
+def test_modulate_kernel_is_bit_exact(b, rows, k, quantize):
+    """One launch against eager torch's three (``_modulate``) and the quantization kernel: every bit."""
+    from omni_fp8.runtime.triton_kernels import HAVE_TRITON, modulate_cuda, quantize_activation_cuda
+
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    torch.manual_seed(b * rows + k)
+    x = torch.nn.functional.layer_norm(torch.randn(b, rows, k, device="cuda") * 3, (k,)).bfloat16()
+    mod = (torch.randn(b, 6 * k, device="cuda") * 0.5).bfloat16()[:, : 3 * k]  # as chunk leaves it
+    shift, scale, _ = mod.chunk(3, dim=-1)
+    y, q, s = modulate_cuda(x, shift, scale, quantize)
+    expected = x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    assert torch.equal(y, expected)
+    if quantize:
+        ref_q, ref_s = quantize_activation_cuda(expected.reshape(-1, k), 0)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+
+
+@needs_fp8
+def test_fused_modulation_hands_its_quantization_to_the_projections(monkeypatch):
+    """Per Qwen-Image block, the four Linears reading modulated activations (image and text QKV,
+    both MLP inputs) find them quantized: four quantization launches fewer per block."""
+    model = build("qwen-image", True)
+    args_, kwargs = inputs("qwen-image", model)
+    calls = {"n": 0}
+    real = kernels._quantize_for_gemm
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "_quantize_for_gemm", counting)
+    unfused = run(model, args_, kwargs)
+    before = calls["n"]
+    fuse_blocks_(model)
+    calls["n"] = 0
+    fused = run(model, args_, kwargs)
+    assert calls["n"] == before - 4 * len(model.transformer_blocks)
+    assert rel_l2(fused, unfused) < 1e-2
