@@ -76,14 +76,20 @@ class Fp8Config:
             Python regex searched in the module name; vllm-omni's fused names (``to_qkv``,
             ``add_kv_proj``, ``w13``) stand for the layers they fuse. A pattern that matches no
             Linear layer is an error, so a typo never silently quantizes what it meant to keep.
-        activation_scheme: ``"dynamic"`` (per-token scales computed at run time, no calibration).
-            ``"static"`` needs calibration data, which is not supported yet and is refused.
+        activation_scheme: ``"dynamic"`` (per-token scales computed at run time, no calibration)
+            or ``"static"`` (one calibrated ``input_scale`` per Linear, from ``calibration``).
+            A static config without a calibration describes a checkpoint that already has its
+            scales; quantizing with it (convert, load-time, ``quantize_``) needs one.
         weight_block_size: ``None`` for one scale per weight, or ``(bn, bk)`` for one scale per
             ``bn x bk`` block (stored as ``weight_scale_inv``), which keeps outlier rows and
             columns from flattening the rest of the matrix.
         preset: A named recipe from ``manifests/`` (``"qwen-image"``, ``"z-image-turbo"``) whose
             ``ignored_layers`` are added to these. ``None`` picks the preset registered for the
             model's class, ``"none"`` uses none.
+        calibration: For ``"static"``: a ``Calibration`` (``omni_fp8.calibrate``) or the path of a
+            calibration file (``omni-convert calibrate``), read and checked here.
+        static_ignored_layers: For ``"static"``: patterns (as ``ignored_layers``) of FP8 Linears
+            whose activations stay dynamic.
     """
 
     method: str = "fp8"
@@ -91,6 +97,8 @@ class Fp8Config:
     activation_scheme: str = "dynamic"
     weight_block_size: tuple[int, int] | None = None
     preset: str | None = None
+    calibration: Any = dataclasses.field(default=None, repr=False)
+    static_ignored_layers: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.method != "fp8":
@@ -102,11 +110,17 @@ class Fp8Config:
             raise ConfigError(
                 f"unknown activation_scheme {self.activation_scheme!r}; use 'dynamic' (or 'static')."
             )
-        if self.activation_scheme == "static":
+        object.__setattr__(self, "static_ignored_layers", split_patterns(self.static_ignored_layers))
+        if self.activation_scheme == "dynamic" and (self.calibration is not None or self.static_ignored_layers):
+            given = "calibration" if self.calibration is not None else "static_ignored_layers"
             raise ConfigError(
-                "activation_scheme 'static' needs calibration data, which omni-fp8 does not support "
-                "yet; use 'dynamic' (no calibration, the default)."
+                f"{given} is given but activation_scheme is 'dynamic'; add activation_scheme='static' "
+                "(--activation-scheme static) or drop it."
             )
+        if self.calibration is not None:
+            from .calibration_file import Calibration
+
+            object.__setattr__(self, "calibration", Calibration.coerce(self.calibration))
         if self.weight_block_size is not None:
             object.__setattr__(self, "weight_block_size", parse_block_size(self.weight_block_size))
         if self.preset is not None and (not isinstance(self.preset, str) or not self.preset):
@@ -167,6 +181,9 @@ class Fp8Config:
             "activation_scheme": self.activation_scheme,
             "weight_block_size": list(self.weight_block_size) if self.weight_block_size else None,
             "preset": self.preset,
+            **({"calibration": self.calibration.provenance() if self.calibration is not None else None,
+                "static_ignored_layers": list(self.static_ignored_layers)}
+               if self.activation_scheme == "static" else {}),
         }
 
 
