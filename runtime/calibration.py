@@ -72,10 +72,22 @@ def calibrate(
 
     handles = [module.register_forward_pre_hook(observe(name)) for name, module in linears.items()]
     device = next(model.parameters()).device
+    # Recorded inputs in the model's compute dtype, as its pipeline passes them (a BF16 recording
+    # replayed through an FP32 model, say).
+    dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16, torch.float32)),
+                 torch.float32)
+
+    def place(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        if isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
+            return [place(t) for t in v]  # Z-Image takes lists of per-image tensors
+        return v
+
     try:
         with torch.no_grad():
             for kwargs in tqdm(calls, desc="Calibrating", disable=not progress):
-                kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                kwargs = {k: place(v) for k, v in kwargs.items()}
                 kwargs.setdefault("return_dict", False)
                 model(**kwargs)
     finally:
