@@ -21,6 +21,13 @@ Timings: CUDA events, warm-up first, median of ``--repeat``. Ratios within one r
         --processes 10 --host --no-linears                            # eager, fresh processes
     python bench/step_speed.py --model qwen-image --scheme tensor --peer torchao-row \
         --peer diffusers-fp8r --mode eager --mode default             # peers in the same run
+    python bench/step_speed.py --model qwen-image --model z-image --scheme tensor --scheme tensor-static \
+        --scheme channel --scheme channel-static --mode eager --mode graphs --mode default   # static activations
+
+``-static`` schemes (``tensor-static``, ``channel-static``, ``block-static``) quantize activations
+with one calibrated ``input_scale`` per Linear instead of per-token scales: the calibration is the
+timed input itself (``calibrate`` on the BF16 model), which is what a real calibration gives
+at this timestep.
 """
 
 from __future__ import annotations
@@ -346,7 +353,18 @@ def quantized(name: str, variant: str, a) -> nn.Module:
     from omni_fp8.converter.plan import decide_linears
 
     model = build(name, a.blocks)
-    config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant))
+    static = variant.endswith("-static")
+    variant = variant.removesuffix("-static")
+    scales = None
+    if static:
+        from omni_fp8 import calibrate
+
+        args_, kwargs = inputs(name, model, a.height, a.width, a.txt)
+        if args_:  # Z-Image's forward(x, t, cap_feats): calibrate takes keyword arguments
+            kwargs = {"x": args_[0], "t": args_[1], "cap_feats": args_[2], **kwargs}
+        scales = calibrate(model, [kwargs], progress=False)
+    config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant),
+                       **({"activation_scheme": "static", "calibration": scales} if static else {}))
     if variant in ("tensor", "block", "tensor-fast"):
         quantize_(model, config)
         if variant == "tensor-fast":  # cuBLASLt's fast accumulation, as diffusers' fp8r layer uses
@@ -358,7 +376,9 @@ def quantized(name: str, variant: str, a) -> nn.Module:
     with torch.no_grad():
         if variant == "channel":  # row-wise weight scales, as compressed-tensors / ModelOpt store them
             for n in chosen:
-                model.set_submodule(n, Fp8Linear.from_linear(model.get_submodule(n), per_channel=True))
+                input_scale = scales.input_scale(n).cuda() if scales is not None else None
+                model.set_submodule(n, Fp8Linear.from_linear(model.get_submodule(n), per_channel=True,
+                                                             input_scale=input_scale))
         elif variant == "diffusers-fp8r":  # diffusers' own layer for BFL fp8r checkpoints
             from diffusers.quantizers.bfl.utils import BFLFP8RLinear
             from omni_fp8.converter.numerics import quantize_per_channel
@@ -481,7 +501,7 @@ def print_table(result, a, t_lin, timings, memory, errors) -> None:
             if (variant, mode) not in timings:
                 continue
             ms = timings[(variant, mode)]["ms"]
-            key = "fp8_block" if variant == "block" else "fp8_tensor"
+            key = "fp8_block" if variant.startswith("block") else "fp8_tensor"
             if t_lin:
                 saving = t_lin["bf16"] - t_lin[key]
                 ceiling = f"{base / (base - saving):>7.2f}x" if base > saving else f"{'inf':>8}"
@@ -566,8 +586,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", choices=list(MODELS))
     parser.add_argument("--blocks", type=int, help="fewer blocks for a quick run (default: full depth)")
-    parser.add_argument("--scheme", dest="schemes", action="append", choices=[*SCHEMES, "channel", "tensor-fast"],
-                        help="ours: tensor, block, channel (row-wise weight scales), tensor-fast (fast accumulation)")
+    ours = [*SCHEMES, "channel", "tensor-fast"]
+    parser.add_argument("--scheme", dest="schemes", action="append",
+                        choices=[*ours, *(f"{s}-static" for s in (*SCHEMES, "channel"))],
+                        help="ours: tensor, block, channel (row-wise weight scales), tensor-fast (fast accumulation); "
+                             "X-static: the same with calibrated static activation scales")
     parser.add_argument("--peer", dest="peers", action="append", default=[], choices=list(PEERS),
                         help="a peer's FP8 on the same weights: torchao-row, torchao-tensor, diffusers-fp8r")
     parser.add_argument("--mode", dest="modes", action="append",

@@ -12,6 +12,12 @@ policy and scores it against this model's own BF16 samples with the lab's metric
     python bench/quality_lab/deep.py train --out DIR --steps 3000
     python bench/quality_lab/deep.py evaluate --out DIR               # scores DIR/model again
     python bench/quality_lab/deep.py all --out /tmp/deep --blocks 4 --steps 20 --batch 16 --samples 16  # CPU smoke run
+    python bench/quality_lab/deep.py evaluate --out DIR --static --policies a,a-s,a-s99,f,f-s,b-s   # static rows only
+
+``--static`` adds the static-activation policies (``-s``: calibrated with the running max,
+``-s99``: the per-call 99.99th percentile), calibrated on seeds and classes the gate never scores
+(``gate.calibration_calls``); ``--policies`` scores only the policies with those keys (and no
+controls or ``suggest``), so a run can add rows without repeating the others.
 
 Writes into ``--out``: ``model/`` (the BF16 diffusers folder in shards of at most 15 MB, and
 ``class_tokens.safetensors``), ``deep.json`` (rewritten after every part, ``"complete": true``
@@ -72,11 +78,14 @@ class Policy:
     preset: str = "none"
     block_size: tuple[int, int] | None = None
     per_channel: bool = False
+    static: str | None = None  # the calibration statistic, for static activations
 
     def config(self, blocks: int) -> dict[str, Any]:
         config: dict[str, Any] = {"preset": self.preset, "ignored_layers": self.kept(blocks)}
         if self.block_size:
             config["weight_block_size"] = list(self.block_size)
+        if self.static:  # the calibration itself is added where the policy is applied
+            config["activation_scheme"] = "static"
         return config
 
 
@@ -121,23 +130,37 @@ POLICIES = [
     Policy("f+b", "embedders and output layers, per-channel scales", lambda blocks: list(EMBEDDERS), per_channel=True),
     Policy("f+c", "embedders and output layers, 128x128 blocks", lambda blocks: list(EMBEDDERS), block_size=(128, 128)),
 ]
+# Static activation scales (``--static``), calibrated on gate.calibration_calls.
+STATIC_POLICIES = [
+    Policy("a-s", "every Linear, per-tensor, static activations (max)", static="max"),
+    Policy("a-s99", "every Linear, per-tensor, static activations (p99.99)", static="p99.99"),
+    Policy("b-s", "every Linear, per-channel weight scales, static activations (max)", per_channel=True, static="max"),
+    Policy("f-s", "embedders and output layers, static activations (max)", lambda blocks: list(EMBEDDERS),
+           static="max"),
+]
 CONTROLS = ["fp32 (noise floor)", "e5m2 W8A8 (bad control)", "int4 weights (bad control)"]
 
 
-def quantize_policy(model: nn.Module, policy: Policy, blocks: int) -> nn.Module:
+def quantize_policy(model: nn.Module, policy: Policy, blocks: int, calibration: Any = None) -> nn.Module:
     """``model`` with ``policy`` applied, in place. Per-channel scales have no ``Fp8Config`` option
-    (the converter reads them from other tools' checkpoints): the plan decides, ``Fp8Linear`` quantizes."""
+    (the converter reads them from other tools' checkpoints): the plan decides, ``Fp8Linear`` quantizes.
+    A static policy needs ``calibration`` (a ``Calibration`` of its statistic)."""
     from omni_fp8 import Fp8Config, Fp8Linear, quantize_
     from omni_fp8.converter.plan import decide_linears
 
     config = policy.config(blocks)
+    if policy.static:
+        config["calibration"] = calibration
     if not policy.per_channel:
         return quantize_(model, config)
     plan = decide_linears(model, Fp8Config.coerce(config))
     with torch.no_grad():
         for name, decision in plan.decisions.items():
             if decision.quantized:
-                model.set_submodule(name, Fp8Linear.from_linear(model.get_submodule(name), per_channel=True))
+                scale = calibration.input_scale(name) if policy.static else None
+                model.set_submodule(name, Fp8Linear.from_linear(
+                    model.get_submodule(name), per_channel=True,
+                    input_scale=None if scale is None else scale.to(model.get_submodule(name).weight.device)))
     return model
 
 
@@ -478,7 +501,8 @@ def controls(reference: nn.Module) -> dict[str, tuple[Callable[[], nn.Module], t
 
 def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.device, samples: int = 256,
              sample_steps: int = 20, record_samples: int = 16, results: Results | None = None,
-             deadline: Deadline | None = None, with_suggest: bool = True) -> dict[str, Any]:
+             deadline: Deadline | None = None, with_suggest: bool = True, with_static: bool = False,
+             only: Sequence[str] | None = None) -> dict[str, Any]:
     """Every policy and control on ``reference`` (a BF16 lab DiT on ``device``), scored against its
     own BF16 samples; the per-block error growth; ``suggest``'s pick. Each part is caught and
     reported on its own, so one failing part costs only itself."""
@@ -542,6 +566,7 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
             if policy is not None:
                 m["config"] = policy.config(blocks)
                 m["per_channel"] = policy.per_channel
+                m["statistic"] = policy.static
                 if real is not None:
                     m["real"] = real.stats(policy)
                 m["depth"] = per_block(reference, model, traces)
@@ -555,13 +580,34 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
             policies[name] = {"error": f"{type(e).__name__}: {e}"}
             results.fail(name, e)
 
+    calibrations: dict[str, Any] = {}
+
+    def calibration_for(statistic: str) -> Any:
+        """Calibrated once per statistic, on seeds and classes the gate never scores."""
+        from omni_fp8 import calibrate
+
+        if "calls" not in calibrations:
+            calibrations["calls"] = gate.calibration_calls(reference, tokens, sample_steps, device)
+            data["calibration"] = {"seeds": [min(gate.CALIBRATION_SEEDS), max(gate.CALIBRATION_SEEDS)],
+                                   "classes": list(gate.CALIBRATION_CLASSES), "calls": len(calibrations["calls"])}
+        if statistic not in calibrations:
+            calibrations[statistic] = calibrate(reference, calibrations["calls"], statistic=statistic, progress=False)
+        return calibrations[statistic]
+
     def make_policy(policy: Policy) -> Callable[[], nn.Module]:
-        return lambda: quantize_policy(copy.deepcopy(reference), policy, blocks)
+        return lambda: quantize_policy(copy.deepcopy(reference), policy, blocks,
+                                       calibration_for(policy.static) if policy.static else None)
 
     order = [p for p in POLICIES]
+    if with_static or only:
+        order += STATIC_POLICIES
+    if only:
+        order = [p for p in order if p.key in only]
     first = {"a", "d", "f"}  # what decides the preset, first in case the run is cut short
     for policy in sorted(order, key=lambda p: p.key not in first):
         score(f"{policy.key}: {policy.name}", make_policy(policy), torch.bfloat16, policy)
+    if only:
+        return data
 
     if with_suggest and not deadline.passed():
         try:
@@ -669,6 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images of the recorded sampling run that suggest and the per-block study replay")
     parser.add_argument("--deadline", type=float, help="seconds from start after which evaluation parts are skipped")
     parser.add_argument("--no-suggest", action="store_true")
+    parser.add_argument("--static", action="store_true", help="add the static-activation policies")
+    parser.add_argument("--policies", help="comma-separated policy keys: score only these (no controls, no suggest)")
     parser.add_argument("--device", default="auto")
     a = parser.parse_args(argv)
     start = time.perf_counter()
@@ -690,7 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
     previous = {}
     if a.what == "evaluate" and (a.out / "deep.json").is_file():
-        previous = {k: v for k, v in json.loads((a.out / "deep.json").read_text()).items() if k == "train"}
+        # --policies adds rows to an earlier evaluation's; otherwise it starts afresh from the training.
+        previous = {k: v for k, v in json.loads((a.out / "deep.json").read_text()).items()
+                    if k == "train" or (a.policies and k in ("policies", "bf16", "calibration"))}
     results = Results(a.out, {"environment": env, **previous})
     log(f"{a.what}: torch {env['torch']}, diffusers {env['diffusers']}, {env['gpu'] or device}")
     if a.what in ("all", "train"):
@@ -717,7 +767,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         evaluate(model, tokens, device=device, samples=a.samples, sample_steps=a.sample_steps,
                  record_samples=a.record_samples, results=results, deadline=Deadline(a.deadline, start),
-                 with_suggest=not a.no_suggest)
+                 with_suggest=not a.no_suggest, with_static=a.static,
+                 only=a.policies.split(",") if a.policies else None)
     except Exception as e:  # noqa: BLE001 - what was measured before stays in deep.json
         results.fail("evaluate", e)
         return 1
