@@ -278,18 +278,25 @@ def check_command(path: str, target: str, as_json: bool) -> None:
 @click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
               help="Layers that stay high precision regardless (not measured).")
 @click.option("--weight-block-size", metavar="BN,BK", help="Measure block-scaled FP8 (default: per tensor).")
+@click.option("--activation-scheme", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="'static' (with --calibration): measure what static activations add per group, and suggest "
+                   "--static-ignored-layers.")
+@static_options
 @_hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
 def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored_layers: tuple[str, ...],
-                    weight_block_size: str | None, subfolder: str | None, revision: str | None, token: str | None,
-                    as_json: bool, quiet: bool) -> None:
+                    weight_block_size: str | None, activation_scheme: str, calibration: str | None,
+                    static_ignored_layers: tuple[str, ...], subfolder: str | None, revision: str | None,
+                    token: str | None, as_json: bool, quiet: bool) -> None:
     """Measure each layer group's FP8 damage on recorded inputs and suggest --ignored-layers.
 
     Quantizes one group of Linears at a time (a block's attention, each MLP, the modulation, each
     embedder), replays the inputs, ranks the groups by how far the output moves, then keeps the
-    worst ones in high precision until the error is within --max-error.
+    worst ones in high precision until the error is within --max-error. With
+    --activation-scheme static, each group is measured with static and with dynamic activations,
+    ranked by what static adds, and the worst are suggested as --static-ignored-layers (dynamic).
     """
     from pathlib import Path
 
@@ -312,18 +319,27 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
         raise SourceNotFoundError(
             f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
             "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
-    config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size)
+    config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size,
+                       activation_scheme=activation_scheme, calibration=calibration,
+                       static_ignored_layers=static_ignored_layers)
+    if activation_scheme == "static" and calibration is None:
+        raise ConfigError("suggest --activation-scheme static needs --calibration FILE (omni-convert calibrate).")
     calls = load_inputs(path)  # before the model: a bad inputs file should not cost a load
     # A Hub source at the commit just opened, even if its branch moves meanwhile.
     pinned = source.origin["commit"] if source.origin.get("type") == "hub" else revision
     model = load_transformer(src, subfolder=subfolder, revision=pinned, token=token, progress=not quiet)
     report = suggest(model, calls, config, max_error=max_error, progress=not quiet)
     patterns = [*config.ignored_layers, *report.ignored_layers]
+    dynamic = [*config.static_ignored_layers, *(report.static_ignored_layers or [])]
     if as_json:
-        _emit_json({**report.to_dict(), "patterns": patterns})
+        _emit_json({**report.to_dict(), "patterns": patterns,
+                    **({"static_patterns": dynamic} if activation_scheme == "static" else {})})
         return
     click.echo(report.table())
     flag = f" --ignored-layers {','.join(patterns)}" if patterns else ""
+    if activation_scheme == "static":
+        flag += f" --activation-scheme static --calibration {calibration}"
+        flag += f" --static-ignored-layers {','.join(dynamic)}" if dynamic else ""
     block = f" --weight-block-size {weight_block_size}" if weight_block_size else ""
     hub_flags = "".join(f" --{name} {value}" for name, value in (("subfolder", subfolder), ("revision", revision))
                         if value)

@@ -6,7 +6,10 @@
 ``sensitivity`` quantizes one group of Linears (a block's attention, each MLP, the modulation,
 each embedder) at a time, replays recorded transformer inputs, and measures how far the output
 moves from the unquantized model's; ``suggest`` then keeps the most damaging groups in high
-precision, greedily, until the whole model's error passes a bound.
+precision, greedily, until the whole model's error passes a bound. With a static config
+(``activation_scheme="static"`` and a calibration), each group is measured with static and with
+dynamic activations, ranked by what static adds, and ``suggest`` keeps the worst groups dynamic
+(``static_ignored_layers``) instead, every Linear staying FP8.
 
 Recorded inputs are a safetensors file (``save_inputs`` / ``load_inputs``): for forward call
 ``i``, tensor keyword arguments as ``"{i:05d}.{name}"`` and the other JSON-able ones (lists of
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from omni_fp8.converter.options import DEFAULT_MAX_ERROR, Fp8Config
-from omni_fp8.converter.plan import decide_linears
+from omni_fp8.converter.plan import decide_linears, linear_shapes, static_input_scales
 
 from .fp8_linear import Fp8Linear
 
@@ -151,6 +154,12 @@ class GroupDamage:
     linears: list[str]
     error: float  # mean relative L2 error of the outputs against the unquantized model's
     bytes: int  # high-precision weight bytes of the group (FP8 saves about half)
+    dynamic_error: float | None = None  # static configs: the same group with dynamic activations
+
+    @property
+    def static_cost(self) -> float:
+        """What static activations add to this group's error (0 for a dynamic measurement)."""
+        return 0.0 if self.dynamic_error is None else self.error - self.dynamic_error
 
 
 @dataclass
@@ -164,15 +173,23 @@ class SensitivityReport:
     ignored_layers: list[str] | None = None  # set by ``suggest``
     suggested_error: float | None = None
     max_error: float | None = None
+    static: bool = False  # groups measured with static activations (``dynamic_error`` beside)
+    static_ignored_layers: list[str] | None = None  # set by ``suggest`` for a static config
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "class_name": self.class_name, "calls": self.calls, "all_fp8_error": self.all_fp8_error,
             "max_error": self.max_error, "ignored_layers": self.ignored_layers, "suggested_error": self.suggested_error,
-            "groups": [{"group": g.group, "linears": len(g.linears), "error": g.error, "bytes": g.bytes} for g in self.groups],
+            "groups": [{"group": g.group, "linears": len(g.linears), "error": g.error, "bytes": g.bytes,
+                        **({"dynamic_error": g.dynamic_error} if self.static else {})} for g in self.groups],
         }
+        if self.static:
+            out.update(activation_scheme="static", static_ignored_layers=self.static_ignored_layers)
+        return out
 
     def table(self, top: int = 20) -> str:
+        if self.static:
+            return self._static_table(top)
         lines = [f"{self.class_name}: {self.calls} recorded calls; every eligible Linear in FP8: "
                  f"relative L2 error {self.all_fp8_error:.4f}", "",
                  f"  {'group (quantized alone)':<44} {'Linears':>7} {'error':>8} {'weights':>10}"]
@@ -184,6 +201,21 @@ class SensitivityReport:
             kept = ", ".join(self.ignored_layers) or "(none)"
             lines += ["", f"Suggested ignored_layers: {kept}",
                       f"  error with them in high precision: {self.suggested_error:.4f} (bound {self.max_error})"]
+        return "\n".join(lines)
+
+    def _static_table(self, top: int) -> str:
+        lines = [f"{self.class_name}: {self.calls} recorded calls; every eligible Linear in FP8 with static "
+                 f"activations: relative L2 error {self.all_fp8_error:.4f}", "",
+                 f"  {'group (quantized alone)':<44} {'Linears':>7} {'static':>8} {'dynamic':>8} {'static adds':>11}"]
+        for g in self.groups[:top]:
+            lines.append(f"  {g.group:<44} {len(g.linears):>7} {g.error:>8.4f} {g.dynamic_error:>8.4f} "
+                         f"{g.static_cost:>+11.4f}")
+        if len(self.groups) > top:
+            lines.append(f"  ... {len(self.groups) - top} more groups")
+        if self.static_ignored_layers is not None:
+            kept = ", ".join(self.static_ignored_layers) or "(none)"
+            lines += ["", f"Suggested static_ignored_layers (kept dynamic): {kept}",
+                      f"  error with them dynamic: {self.suggested_error:.4f} (bound {self.max_error})"]
         return "\n".join(lines)
 
 
@@ -234,50 +266,69 @@ def suggest(
     rest in FP8 stays within ``max_error``; ``report.ignored_layers`` are patterns for
     ``Fp8Config(ignored_layers=...)`` and ``omni-convert --ignored-layers``."""
     config = Fp8Config.coerce(config)
-    report, reference = _sensitivity(model, calls, config, progress)
+    report, reference, scales = _sensitivity(model, calls, config, progress)
     kept: list[str] = []
     error = report.all_fp8_error
     for damage in report.groups:
-        if error <= max_error:
-            break
+        if error <= max_error or (report.static and damage.static_cost <= 0):
+            break  # (static: the rest lose nothing to static activations; the bound needs --ignored-layers)
         kept.append(damage.group)
-        names = [n for g in report.groups if g.group not in kept for n in g.linears]
-        error = _error_with(model, calls, names, config, reference)
-    report.ignored_layers, report.suggested_error, report.max_error = kept, error, max_error
+        if report.static:  # the group stays FP8, its activations dynamic
+            names = [n for g in report.groups for n in g.linears]
+            dynamic = {n for g in report.groups if g.group in kept for n in g.linears}
+            error = _error_with(model, calls, names, config, reference,
+                                {n: v for n, v in scales.items() if n not in dynamic})
+        else:
+            names = [n for g in report.groups if g.group not in kept for n in g.linears]
+            error = _error_with(model, calls, names, config, reference, scales)
+    if report.static:
+        report.ignored_layers, report.static_ignored_layers = [], kept
+    else:
+        report.ignored_layers = kept
+    report.suggested_error, report.max_error = error, max_error
     return report
 
 
 def _sensitivity(
     model: nn.Module, calls: Sequence[Mapping[str, Any]], config: Fp8Config, progress: bool
-) -> tuple[SensitivityReport, list[torch.Tensor]]:
+) -> tuple[SensitivityReport, list[torch.Tensor], dict[str, torch.Tensor]]:
     from tqdm.auto import tqdm
 
     groups = candidates(model, config)
+    static = config.activation_scheme == "static"
+    # Checked before anything runs: the calibration must be this model's, its amaxes usable.
+    scales = static_input_scales(config, linear_shapes(model), decide_linears(model, dataclasses.replace(
+        config, preset="none")).decisions, type(model).__name__)
     reference = _replay(model, calls)
-    all_error = _error_with(model, calls, [n for names in groups.values() for n in names], config, reference)
-    report = SensitivityReport(type(model).__name__, len(calls), all_error)
+    all_error = _error_with(model, calls, [n for names in groups.values() for n in names], config, reference, scales)
+    report = SensitivityReport(type(model).__name__, len(calls), all_error, static=static)
     for group, names in tqdm(groups.items(), desc="Sensitivity", disable=not progress):
         weights = [model.get_submodule(n).weight for n in names]
-        report.groups.append(GroupDamage(group, names, _error_with(model, calls, names, config, reference),
-                                         sum(w.numel() * w.element_size() for w in weights)))
-    report.groups.sort(key=lambda g: -g.error)
-    return report, reference
+        dynamic = _error_with(model, calls, names, config, reference) if static else None
+        report.groups.append(GroupDamage(group, names, _error_with(model, calls, names, config, reference, scales),
+                                         sum(w.numel() * w.element_size() for w in weights), dynamic))
+    report.groups.sort(key=lambda g: -(g.static_cost if static else g.error))
+    return report, reference, scales
 
 
 def _error_with(model: nn.Module, calls: Sequence[Mapping[str, Any]], names: Sequence[str], config: Fp8Config,
-                reference: Sequence[torch.Tensor]) -> float:
-    """The output error with these Linears in FP8 (and the model restored afterwards)."""
-    with _fp8(model, names, config):
+                reference: Sequence[torch.Tensor], scales: Mapping[str, torch.Tensor] | None = None) -> float:
+    """The output error with these Linears in FP8 (and the model restored afterwards); those in
+    ``scales`` with static activations, at that input scale."""
+    with _fp8(model, names, config, scales or {}):
         return _error(_replay(model, calls), reference)
 
 
 @contextmanager
-def _fp8(model: nn.Module, names: Sequence[str], config: Fp8Config) -> Iterator[None]:
+def _fp8(model: nn.Module, names: Sequence[str], config: Fp8Config,
+         scales: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Swap these Linears for ``Fp8Linear`` for the duration, then put the originals back."""
     originals = {n: model.get_submodule(n) for n in names}
     try:
         for name, linear in originals.items():
-            model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size))
+            scale = scales.get(name)
+            scale = None if scale is None else scale.to(linear.weight.device)
+            model.set_submodule(name, Fp8Linear.from_linear(linear, config.weight_block_size, input_scale=scale))
         yield
     finally:
         for name, linear in originals.items():

@@ -257,3 +257,27 @@ def test_calibrate_and_convert_from_the_command_line(tmp_path):
     assert verify(out).ok
     result = runner.invoke(main, ["inspect", str(out)])
     assert "static activations" in result.stdout
+
+
+def test_suggest_with_static_activations_ranks_what_static_adds(tmp_path):
+    from omni_fp8 import suggest
+
+    model = load_transformer(LAB, progress=False)
+    calls = load_inputs(LAB / "sample_inputs.safetensors")
+    scales = calibrate(model, calls, progress=False)
+    config = Fp8Config(preset="none", activation_scheme="static", calibration=scales)
+    report = suggest(model, calls, config, progress=False)
+    assert report.static and report.ignored_layers == [] and report.static_ignored_layers == []
+    assert all(g.dynamic_error is not None for g in report.groups)
+    costs = [g.static_cost for g in report.groups]
+    assert costs == sorted(costs, reverse=True)
+    strict = suggest(model, calls, config, max_error=1e-4, progress=False)  # unreachable: stops where static adds 0
+    assert strict.static_ignored_layers and strict.static_ignored_layers[0] == report.groups[0].group
+    assert "static adds" in strict.table() and "Suggested static_ignored_layers" in strict.table()
+    scales.save(tmp_path / "s.safetensors")
+    result = CliRunner().invoke(main, ["suggest", str(LAB), "--activation-scheme", "static", "--calibration",
+                                       str(tmp_path / "s.safetensors"), "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["activation_scheme"] == "static"
+    result = CliRunner().invoke(main, ["suggest", str(LAB), "--activation-scheme", "static", "-q"])
+    assert result.exit_code == 1 and "needs --calibration FILE" in result.stderr
