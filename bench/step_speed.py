@@ -23,6 +23,13 @@ Timings: CUDA events, warm-up first, median of ``--repeat``. Ratios within one r
         --peer diffusers-fp8r --mode eager --mode default             # peers in the same run
     python bench/step_speed.py --model qwen-image --scheme tensor --fused --no-linears
                                       # + fuse_blocks_ on BF16 and each scheme (fused-bf16, ...)
+    python bench/step_speed.py --model qwen-image --model z-image --scheme tensor --scheme tensor-static \
+        --scheme channel --scheme channel-static --mode eager --mode graphs --mode default   # static activations
+
+``-static`` schemes (``tensor-static``, ``channel-static``, ``block-static``) quantize activations
+with one calibrated ``input_scale`` per Linear instead of per-token scales: the calibration is the
+timed input itself (``calibrate`` on the BF16 model), which is what a real calibration gives
+at this timestep.
 """
 
 from __future__ import annotations
@@ -352,8 +359,19 @@ def quantized(name: str, variant: str, a) -> nn.Module:
         base = variant.removeprefix("fused-")
         return fuse_blocks_(build(name, a.blocks) if base == "bf16" else quantized(name, base, a))
     model = build(name, a.blocks)
+    static = variant.endswith("-static")
+    variant = variant.removesuffix("-static")
+    scales = None
+    if static:
+        from omni_fp8 import calibrate
+
+        args_, kwargs = inputs(name, model, a.height, a.width, a.txt)
+        if args_:  # Z-Image's forward(x, t, cap_feats): calibrate takes keyword arguments
+            kwargs = {"x": args_[0], "t": args_[1], "cap_feats": args_[2], **kwargs}
+        scales = calibrate(model, [kwargs], progress=False)
     config = Fp8Config(preset=a.preset, weight_block_size=SCHEMES.get(variant),
-                       weight_strategy="channel" if variant == "channel" else None)
+                       weight_strategy="channel" if variant == "channel" else None,
+                       **({"activation_scheme": "static", "calibration": scales} if static else {}))
     if variant in ("tensor", "block", "tensor-fast", "channel"):
         quantize_(model, config)
         if variant == "tensor-fast":  # cuBLASLt's fast accumulation, as diffusers' fp8r layer uses
@@ -490,7 +508,7 @@ def print_table(result, a, t_lin, timings, memory, errors) -> None:
             if (variant, mode) not in timings:
                 continue
             ms = timings[(variant, mode)]["ms"]
-            key = "fp8_block" if variant.removeprefix("fused-") == "block" else "fp8_tensor"
+            key = "fp8_block" if variant.removeprefix("fused-").startswith("block") else "fp8_tensor"
             if t_lin and variant != "fused-bf16":
                 saving = t_lin["bf16"] - t_lin[key]
                 ceiling = f"{base / (base - saving):>7.2f}x" if base > saving else f"{'inf':>8}"
@@ -579,8 +597,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", choices=list(MODELS))
     parser.add_argument("--blocks", type=int, help="fewer blocks for a quick run (default: full depth)")
-    parser.add_argument("--scheme", dest="schemes", action="append", choices=[*SCHEMES, "channel", "tensor-fast"],
-                        help="ours: tensor, block, channel (row-wise weight scales), tensor-fast (fast accumulation)")
+    ours = [*SCHEMES, "channel", "tensor-fast"]
+    parser.add_argument("--scheme", dest="schemes", action="append",
+                        choices=[*ours, *(f"{s}-static" for s in (*SCHEMES, "channel"))],
+                        help="ours: tensor, block, channel (row-wise weight scales), tensor-fast (fast accumulation); "
+                             "X-static: the same with calibrated static activation scales")
     parser.add_argument("--peer", dest="peers", action="append", default=[], choices=list(PEERS),
                         help="a peer's FP8 on the same weights: torchao-row, torchao-tensor, diffusers-fp8r")
     parser.add_argument("--mode", dest="modes", action="append",

@@ -16,7 +16,7 @@ import click
 from .cli_common import emit_json as _emit_json
 from .cli_common import fail_cleanly as _fail_cleanly
 from .cli_common import fp8_config as _config
-from .cli_common import fp8_options
+from .cli_common import fp8_options, static_options
 from .convert import DEFAULT_MAX_SHARD_SIZE, execute, fetching
 from .errors import ConfigError
 from .manifest import read_manifest, verify
@@ -72,6 +72,7 @@ def main(debug: bool) -> None:
 @click.argument("src")
 @click.argument("out")
 @_plan_options
+@static_options
 @_hub_options
 @click.option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True,
               help="Largest output shard (e.g. 2GB, 500MB, 4GiB).")
@@ -80,7 +81,7 @@ def main(debug: bool) -> None:
 @_fail_cleanly
 def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, ...],
             weight_block_size: str | None, weight_strategy: str | None, activation_scheme: str, dtype: str,
-            target: str, as_json: bool,
+            target: str, as_json: bool, calibration: str | None, static_ignored_layers: tuple[str, ...],
             subfolder: str | None, revision: str | None, token: str | None,
             max_shard_size: str, force: bool, quiet: bool) -> None:
     """Convert the transformer of SRC (pipeline or transformer folder, or a Hub repo id) into OUT.
@@ -95,11 +96,13 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
     omni-convert convert ./Z-Image-Turbo ./zit-fp8.safetensors --target comfyui
     omni-convert convert Qwen/Qwen-Image ./Qwen-Image-fp8
     omni-convert convert Tongyi-MAI/Z-Image-Turbo ./zit-fp8 --subfolder transformer
+    omni-convert convert ./Qwen-Image ./Qwen-Image-fp8-static --activation-scheme static --calibration scales.safetensors
     """
     from .check import check
     from .report import plan_text
 
-    config = _config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy)
+    config = _config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy, calibration,
+                     static_ignored_layers)
     limit = parse_size(max_shard_size)
     source = open_source(src, subfolder=subfolder, revision=revision, token=token)
     source = source.component_only() if subfolder else source
@@ -109,7 +112,8 @@ def convert(src: str, out: str, preset: str | None, ignored_layers: tuple[str, .
             click.echo(plan_text(plan, table=False), err=True)
         result = execute(plan, out, max_shard_size=limit, force=force, progress=not quiet)
     vllm = None
-    if target == DEFAULT_TARGET:  # no folder of ours may be mis-loaded by vllm-omni without a word
+    # No folder of ours may be mis-loaded by vllm-omni without a word (static ones are for omni-fp8 only).
+    if target == DEFAULT_TARGET and config.activation_scheme == "dynamic":
         report = check(result.output, "vllm-omni")
         vllm = {"loadable": report.ok, "problems": report.problems,
                 "fix": None if report.ok else _vllm_fix(plan)}
@@ -131,13 +135,14 @@ def _vllm_fix(plan: Any) -> str:
 @main.command()
 @click.argument("path")
 @_plan_options
+@static_options
 @_hub_options
 @click.option("--config", "model_config", metavar="PATH",
               help="For a single .safetensors file: the model's config.json or its folder.")
 @_fail_cleanly
 def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
             weight_strategy: str | None, activation_scheme: str, dtype: str, target: str, as_json: bool,
-            subfolder: str | None,
+            calibration: str | None, static_ignored_layers: tuple[str, ...], subfolder: str | None,
             revision: str | None, token: str | None, model_config: str | None) -> None:
     """Show the plan for a source (folder or Hub repo id), or summarise an FP8 checkpoint.
 
@@ -172,7 +177,8 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
             click.echo(layout_text(source, layout))
         return
     check_not_quantized(source)
-    config = _config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy)
+    config = _config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy, calibration,
+                     static_ignored_layers)
     plan = make_plan(source, config, dtype=_torch_dtype(dtype), target=target)
     if as_json:
         _emit_json(plan_json(plan))
@@ -282,18 +288,25 @@ def check_command(path: str, target: str, as_json: bool) -> None:
 @click.option("--ignored-layers", "ignored_layers", multiple=True, metavar="PATTERNS",
               help="Layers that stay high precision regardless (not measured).")
 @click.option("--weight-block-size", metavar="BN,BK", help="Measure block-scaled FP8 (default: per tensor).")
+@click.option("--activation-scheme", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True,
+              help="'static' (with --calibration): measure what static activations add per group, and suggest "
+                   "--static-ignored-layers.")
+@static_options
 @_hub_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_fail_cleanly
 def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored_layers: tuple[str, ...],
-                    weight_block_size: str | None, subfolder: str | None, revision: str | None, token: str | None,
-                    as_json: bool, quiet: bool) -> None:
+                    weight_block_size: str | None, activation_scheme: str, calibration: str | None,
+                    static_ignored_layers: tuple[str, ...], subfolder: str | None, revision: str | None,
+                    token: str | None, as_json: bool, quiet: bool) -> None:
     """Measure each layer group's FP8 damage on recorded inputs and suggest --ignored-layers.
 
     Quantizes one group of Linears at a time (a block's attention, each MLP, the modulation, each
     embedder), replays the inputs, ranks the groups by how far the output moves, then keeps the
-    worst ones in high precision until the error is within --max-error.
+    worst ones in high precision until the error is within --max-error. With
+    --activation-scheme static, each group is measured with static and with dynamic activations,
+    ranked by what static adds, and the worst are suggested as --static-ignored-layers (dynamic).
     """
     from pathlib import Path
 
@@ -316,22 +329,121 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
         raise SourceNotFoundError(
             f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
             "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
-    config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size)
+    config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size,
+                       activation_scheme=activation_scheme, calibration=calibration,
+                       static_ignored_layers=static_ignored_layers)
+    if activation_scheme == "static" and calibration is None:
+        raise ConfigError("suggest --activation-scheme static needs --calibration FILE (omni-convert calibrate).")
     calls = load_inputs(path)  # before the model: a bad inputs file should not cost a load
     # A Hub source at the commit just opened, even if its branch moves meanwhile.
     pinned = source.origin["commit"] if source.origin.get("type") == "hub" else revision
     model = load_transformer(src, subfolder=subfolder, revision=pinned, token=token, progress=not quiet)
     report = suggest(model, calls, config, max_error=max_error, progress=not quiet)
     patterns = [*config.ignored_layers, *report.ignored_layers]
+    dynamic = [*config.static_ignored_layers, *(report.static_ignored_layers or [])]
     if as_json:
-        _emit_json({**report.to_dict(), "patterns": patterns})
+        _emit_json({**report.to_dict(), "patterns": patterns,
+                    **({"static_patterns": dynamic} if activation_scheme == "static" else {})})
         return
     click.echo(report.table())
     flag = f" --ignored-layers {','.join(patterns)}" if patterns else ""
+    if activation_scheme == "static":
+        flag += f" --activation-scheme static --calibration {calibration}"
+        flag += f" --static-ignored-layers {','.join(dynamic)}" if dynamic else ""
     block = f" --weight-block-size {weight_block_size}" if weight_block_size else ""
     hub_flags = "".join(f" --{name} {value}" for name, value in (("subfolder", subfolder), ("revision", revision))
                         if value)
     click.echo(f"\nomni-convert convert {src} OUT --preset none{flag}{block}{hub_flags}")
+
+
+@main.command(name="calibrate")
+@click.argument("src")
+@click.option("--inputs", "inputs_path", metavar="FILE",
+              help="Recorded transformer inputs (omni_fp8.save_inputs), every step you want covered. Default: "
+                   "sample_inputs.safetensors beside the transformer's weights.")
+@click.option("--output", "-o", "output", required=True, metavar="FILE",
+              help="The calibration file to write (.safetensors); pass it to convert --calibration.")
+@click.option("--statistic", default=None, metavar="STAT",
+              help="'max' (the largest |x| over every call) or a per-call percentile such as 'p99.99' "
+                   "(default: max, chosen on the quality lab).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="The compute dtype the model runs in while observed (as it will run).")
+@click.option("--device", default="cpu", show_default=True, help="Where the model runs (cuda on a GPU machine).")
+@_hub_options
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it is an earlier calibration file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_fail_cleanly
+def calibrate_command(src: str, inputs_path: str | None, output: str, statistic: str | None, dtype: str, device: str,
+                      subfolder: str | None, revision: str | None, token: str | None, force: bool, as_json: bool,
+                      quiet: bool) -> None:
+    """Record every Linear's activation range on recorded inputs, for --activation-scheme static.
+
+    Replays the inputs through the high-precision transformer of SRC and keeps, per Linear, the
+    statistic of its input over every call (a running value: activations are never stored).
+
+    \b
+    omni-convert calibrate ./Qwen-Image --inputs qwen-inputs.safetensors --output scales.safetensors
+    omni-convert convert ./Qwen-Image ./Qwen-Image-fp8-static --activation-scheme static --calibration scales.safetensors
+    """
+    from pathlib import Path
+
+    from omni_fp8.runtime import load_transformer
+    from omni_fp8.runtime.calibration import calibrate, inputs_sha256
+    from omni_fp8.runtime.sensitivity import load_inputs
+
+    from .calibration_file import DEFAULT_STATISTIC, Calibration, parse_statistic
+    from .errors import CorruptCheckpointError, OutputExistsError, SourceNotFoundError, UnsupportedSourceError
+
+    statistic = parse_statistic(statistic or DEFAULT_STATISTIC)
+    out = Path(output)
+    if out.exists():
+        try:
+            ours = out.is_file() and Calibration.load(out) is not None
+        except (CorruptCheckpointError, SourceNotFoundError, OSError):
+            ours = False
+        if not (force and ours):
+            raise OutputExistsError(
+                f"{out}: exists; " + ("pass --force to replace this calibration file." if ours else
+                                      "it is not a calibration file omni-fp8 wrote, so it is left as it is; choose "
+                                      "another --output."), path=out)
+    source = open_source(src, subfolder=subfolder, revision=revision, token=token, allow_quantized=True)
+    if "quantization_config" in source.config:
+        raise UnsupportedSourceError(
+            f"{source.model_dir}: already quantized; calibrate the high-precision checkpoint it came from.",
+            path=source.model_dir)
+    path = Path(inputs_path) if inputs_path else source.model_dir / _INPUTS_NAME
+    if not inputs_path and source.files.exists(path):
+        path = source.files.fetch(path)
+    if not path.is_file():
+        raise SourceNotFoundError(
+            f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
+            "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
+    calls = load_inputs(path)
+    pinned = source.origin["commit"] if source.origin.get("type") == "hub" else revision
+    model = load_transformer(src, subfolder=subfolder, revision=pinned, token=token, dtype=dtype, device=device,
+                             progress=not quiet)
+    result = calibrate(model, calls, statistic=statistic, inputs_sha256=inputs_sha256(path), progress=not quiet)
+    result.save(out)
+    unusable = {n: v for n, v in result.amax.items() if not (v > 0 and v != float("inf"))}
+    never = [n for n in result.in_features if n not in result.amax]
+    summary = {"output": str(out), "class_name": result.class_name, "statistic": statistic, "calls": result.calls,
+               "linears": len(result.amax), "never_ran": never, "unusable_amax": unusable,
+               "inputs_sha256": result.inputs_sha256}
+    if as_json:
+        _emit_json(summary)
+        return
+    values = sorted(v for v in result.amax.values() if v > 0 and v != float("inf"))
+    span = f", amax {values[0]:.4g} to {values[-1]:.4g}" if values else ""
+    click.echo(f"{out}: {len(result.amax)} Linears of {result.class_name} over {result.calls} calls "
+               f"({statistic}{span})")
+    for name, value in unusable.items():
+        click.echo(f"note: {name} has amax {value!r} (no static scale): keep it dynamic with --static-ignored-layers "
+                   f"{name}", err=True)
+    if never:
+        click.echo(f"note: {len(never)} Linear(s) never ran ({never[0]}): static needs them in "
+                   "--static-ignored-layers or kept with --ignored-layers", err=True)
+    click.echo(f"\nomni-convert convert {src} OUT --activation-scheme static --calibration {out}")
 
 
 @main.command()

@@ -19,7 +19,7 @@ from .errors import OmniFp8Error
 from .options import Fp8Config
 from .presets import available_presets
 
-__all__ = ["fail_cleanly", "emit_json", "fp8_options", "fp8_config"]
+__all__ = ["fail_cleanly", "emit_json", "fp8_options", "static_options", "fp8_config"]
 
 
 def fail_cleanly(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,7 +70,22 @@ def fp8_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="'channel': one weight scale per output row (compressed-tensors' channel strategy), "
                           "better quality at the same speed. Default: tensor (block with --weight-block-size)."),
         click.option("--activation-scheme", type=click.Choice(["dynamic", "static"]), default="dynamic",
-                     show_default=True, help="'static' needs calibration and is not supported yet."),
+                     show_default=True,
+                     help="'static': one calibrated input scale per Linear (needs --calibration where it quantizes)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def static_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of static activations: ``--calibration``, ``--static-ignored-layers``."""
+    options = [
+        click.option("--calibration", metavar="FILE",
+                     help="With --activation-scheme static: the calibration file (omni-convert calibrate)."),
+        click.option("--static-ignored-layers", "static_ignored_layers", multiple=True, metavar="PATTERNS",
+                     help="With --activation-scheme static: FP8 layers whose activations stay dynamic (patterns as "
+                          "for --ignored-layers)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -78,11 +93,14 @@ def fp8_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def fp8_config(preset: str | None, ignored_layers: tuple[str, ...], weight_block_size: str | None,
-               activation_scheme: str, weight_strategy: str | None = None) -> Fp8Config:
+               activation_scheme: str, weight_strategy: str | None = None, calibration: str | None = None,
+               static_ignored_layers: tuple[str, ...] = ()) -> Fp8Config:
     return Fp8Config(
         ignored_layers=ignored_layers,
         activation_scheme=activation_scheme,
         weight_block_size=weight_block_size,
         preset=preset,
         weight_strategy=weight_strategy,
+        calibration=calibration,
+        static_ignored_layers=static_ignored_layers,
     )

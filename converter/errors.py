@@ -21,6 +21,7 @@ __all__ = [
     "ModelMismatchError",
     "ConfigError",
     "PatternMatchError",
+    "CalibrationError",
     "NonFiniteWeightError",
     "DtypeRangeError",
     "OutputExistsError",
@@ -73,6 +74,10 @@ class ConfigError(OmniFp8Error, ValueError):
 
 class PatternMatchError(ConfigError):
     """An ``ignored_layers`` pattern that matches no Linear layer of the model."""
+
+
+class CalibrationError(OmniFp8Error, ValueError):
+    """Static activation scales cannot be made from this calibration (missing, foreign, zero amax)."""
 
 
 class NonFiniteWeightError(OmniFp8Error, ValueError):

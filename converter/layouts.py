@@ -12,24 +12,27 @@ Layouts read (each recognised from its own markers, never guessed from values):
   ``weight_scale_inv`` (a block grid).
 * ``compressed-tensors``: llm-compressor's ``float-quantized`` checkpoints
   (``quant_method == "compressed-tensors"``): ``weight_scale`` ``[1]`` (tensor strategy) or
-  ``[N, 1]`` (channel strategy); dynamic per-token activations.
+  ``[N, 1]`` (channel strategy); dynamic per-token activations, or static ones (``input_scale``
+  ``[1]``, tensor strategy).
 * ``modelopt``: NVIDIA ModelOpt FP8 (``quant_method == "modelopt"``, ``quant_algo == "FP8"``):
-  ``weight_scale`` per tensor or per row; its calibrated ``input_scale`` is not used (activations
-  are quantized per token, as for every other layout here).
+  ``weight_scale`` per tensor or per row; its calibrated ``input_scale`` makes the layer static,
+  as vLLM runs it.
 * ``bfl-fp8r``: Black Forest Labs' single file, as diffusers reads it: ``weight_scale`` ``[N]``.
 * ``comfyui``: ComfyUI's single files: per-layer ``.comfy_quant`` markers with a scalar
   ``weight_scale``, or the older ``scaled_fp8`` marker with ``scale_weight``; ComfyUI's module
   names (Z-Image as Lumina's ``NextDiT``, fused ``attention.qkv``), an optional
   ``model.diffusion_model.`` prefix.
 
-Static activation scales (``activation_scheme: "static"``, compressed-tensors' static input
-activations) are refused with one line: they need calibration support.
+Static activation scales: a layer with a float32 scalar ``input_scale`` beside its FP8 weight
+quantizes its activations with it (``Layout.static``). In a vLLM ``fp8`` folder with
+``activation_scheme: "static"`` every FP8 layer must have one, except those listed (by module
+name) in ``static_ignored_layers``, which omni-fp8 writes for Linears it kept dynamic.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,7 @@ class Layout:
         renames: Stored name -> the model's name (ComfyUI's names, prefixes, legacy scale names).
         dropped: Stored tensors that are not the model's (markers, unused input scales).
         notes: What the user should know about reading this layout (one line each).
+        static: FP8 Linears with a stored ``input_scale`` (static activations).
     """
 
     name: str
@@ -79,6 +83,7 @@ class Layout:
     renames: dict[str, str] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    static: set[str] = field(default_factory=set)
 
     def translate(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """The model's tensors a stored one becomes (none for markers)."""
@@ -95,8 +100,10 @@ class Layout:
         """Scales as the model holds them: a scalar, or ``[N, 1]`` per row (files store ``[1]``, ``[N]``)."""
         module, _, attr = target.rpartition(".")
         scheme = self.schemes.get(module)
-        if attr in ("weight_scale", "weight_scale_inv") and scheme != KEPT:
+        if attr in ("weight_scale", "weight_scale_inv", "input_scale") and scheme != KEPT:
             tensor = tensor.to(torch.float32)  # exact from BF16 / FP16 scales
+        if attr == "input_scale":
+            return tensor.reshape(())
         if attr == "weight_scale" and scheme == "fp8_tensor":
             return tensor.reshape(())
         if attr == "weight_scale" and scheme == "fp8_channel":
@@ -106,12 +113,15 @@ class Layout:
     def checkpoint_config(self) -> dict[str, Any]:
         """The ``quantization_config`` a save of the loaded model writes (omni-fp8's own layout)."""
         kept = [name for name, scheme in self.schemes.items() if scheme == KEPT]
-        config = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                  "weight_block_size": list(self.block_size) if self.block_size else None,
-                  "ignored_layers": kept, "is_checkpoint_fp8_serialized": True}
+        out = {"quant_method": "fp8", "activation_scheme": "static" if self.static else "dynamic",
+               "weight_block_size": list(self.block_size) if self.block_size else None,
+               "ignored_layers": kept, "is_checkpoint_fp8_serialized": True}
         if "fp8_channel" in self.schemes.values():
-            config["weight_strategy"] = "channel"
-        return config
+            out["weight_strategy"] = "channel"
+        dynamic = [name for name, scheme in self.schemes.items() if scheme != KEPT and name not in self.static]
+        if self.static and dynamic:
+            out["static_ignored_layers"] = dynamic
+        return out
 
 
 def read_layout(source: Source, shapes: Mapping[str, tuple[int, int]]) -> Layout | None:
@@ -174,15 +184,54 @@ def _schemes(infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, in
     return schemes
 
 
+def _static_layers(infos: Mapping[str, TensorInfo], schemes: Mapping[str, str], where: Path, *,
+                   required: bool, dynamic: Iterable[str] = (), scale_dtypes: tuple[str, ...] = ("F32",)) -> set[str]:
+    """The FP8 Linears with an ``input_scale`` (one value, float32 or as ``scale_dtypes`` allow).
+
+    With ``required``, every FP8 Linear not named in ``dynamic`` must have one: a static
+    checkpoint missing a scale is damaged, and quantizing that layer per token instead would
+    silently differ from what the checkpoint was made for.
+    """
+    dynamic = set(dynamic)
+    static = set()
+    for module, scheme in schemes.items():
+        info = infos.get(f"{module}.input_scale")
+        if scheme == KEPT:
+            continue
+        if info is None:
+            if required and module not in dynamic:
+                raise ModelMismatchError(
+                    f"{where}: activation_scheme is static but {module}.input_scale is missing (and {module} is not in "
+                    "static_ignored_layers); the checkpoint is incomplete or damaged, convert it again.", path=where)
+            continue
+        if info.dtype not in scale_dtypes or tuple(info.shape) not in ((), (1,)):
+            raise ModelMismatchError(
+                f"{info.file}: {module}.input_scale is {info.dtype}{list(info.shape)}, expected one "
+                f"{'/'.join(scale_dtypes)} value; the checkpoint is damaged.", path=info.file)
+        static.add(module)
+    return static
+
+
 def _vllm_fp8(config: Mapping[str, Any], infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, int]],
               where: Path) -> Layout:
-    if config.get("activation_scheme", "dynamic") != "dynamic":
+    scheme = config.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
         raise UnsupportedSourceError(
-            f"{where}: activation_scheme {config.get('activation_scheme')!r} (static input scales) is not supported; "
-            "convert with dynamic activations.", path=where)
+            f"{where}: activation_scheme {scheme!r} is not one omni-fp8 reads ('dynamic' or 'static'); the "
+            "config is damaged or from a newer tool.", path=where)
+    dynamic = config.get("static_ignored_layers") or []
+    if not isinstance(dynamic, list) or not all(isinstance(n, str) for n in dynamic):
+        raise UnsupportedSourceError(
+            f"{where}: static_ignored_layers must be a list of Linear names; the config is damaged.", path=where)
     raw_block = config.get("weight_block_size")
     block = parse_block_size(raw_block) if raw_block else None
-    return Layout("fp8", _schemes(infos, shapes, where, block), block)
+    schemes = _schemes(infos, shapes, where, block)
+    static = _static_layers(infos, schemes, where, required=scheme == "static", dynamic=dynamic)
+    if scheme == "dynamic" and static:
+        raise ModelMismatchError(
+            f"{where}: activation_scheme is dynamic but {sorted(static)[0]} has an input_scale; config.json does not "
+            "match the shards (restore it from the conversion).", path=where)
+    return Layout("fp8", schemes, block, static=static)
 
 
 def _compressed_tensors(config: Mapping[str, Any], infos: Mapping[str, TensorInfo],
@@ -192,7 +241,7 @@ def _compressed_tensors(config: Mapping[str, Any], infos: Mapping[str, TensorInf
         raise UnsupportedSourceError(
             f"{where}: compressed-tensors format {config.get('format')!r}; omni-fp8 reads float-quantized FP8 "
             "(llm-compressor's FP8 schemes).", path=where)
-    block = None
+    block, static_inputs = None, False
     for group in groups.values():
         weights, inputs = group.get("weights") or {}, group.get("input_activations")
         if weights.get("type") != "float" or weights.get("num_bits") != 8:
@@ -206,16 +255,24 @@ def _compressed_tensors(config: Mapping[str, Any], infos: Mapping[str, TensorInf
                 f"{where}: compressed-tensors weight strategy {weights.get('strategy')!r}; tensor, channel and block "
                 "are read.", path=where)
         if inputs and not inputs.get("dynamic", False):
-            raise UnsupportedSourceError(
-                f"{where}: static input activation scales (compressed-tensors) are not supported yet; use a checkpoint "
-                "with dynamic activations.", path=where)
-    dropped = {n for n in infos if n.endswith((".input_scale", ".weight_zero_point", ".input_zero_point"))}
+            if inputs.get("type") != "float" or inputs.get("num_bits") != 8 or inputs.get("strategy") != "tensor" \
+                    or not inputs.get("symmetric", True):
+                raise UnsupportedSourceError(
+                    f"{where}: compressed-tensors static input activations {inputs.get('type')}{inputs.get('num_bits')} "
+                    f"strategy {inputs.get('strategy')!r}; omni-fp8 reads symmetric FP8 per-tensor static ones (or "
+                    "dynamic).", path=where)
+            static_inputs = True
+    dropped = {n for n in infos if n.endswith((".weight_zero_point", ".input_zero_point"))}
     # llm-compressor stores scales in the model's dtype unless told otherwise (scale_dtype): BF16
     # and FP16 scales widen to float32 exactly.
     schemes = _schemes(infos, shapes, where, block, block_scale="weight_scale", scale_dtypes=("F32", "BF16", "F16"))
     # Its block scales are named weight_scale; the model's block layers hold weight_scale_inv.
     renames = {f"{m}.weight_scale": f"{m}.weight_scale_inv" for m, sc in schemes.items() if sc == "fp8_block"}
-    return Layout("compressed-tensors", schemes, block, renames=renames, dropped=dropped)
+    static = _static_layers(infos, schemes, where, required=static_inputs, scale_dtypes=("F32", "BF16", "F16"))
+    if not static_inputs:
+        static = set()
+    dropped |= {n for n in infos if n.endswith(".input_scale") and n.removesuffix(".input_scale") not in static}
+    return Layout("compressed-tensors", schemes, block, renames=renames, dropped=dropped, static=static)
 
 
 def _modelopt(config: Mapping[str, Any], infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, int]],
@@ -223,10 +280,12 @@ def _modelopt(config: Mapping[str, Any], infos: Mapping[str, TensorInfo], shapes
     algo = str(config.get("quant_algo") or config.get("quant_type") or "").upper()
     if algo != "FP8":
         raise UnsupportedSourceError(f"{where}: ModelOpt quant_algo {algo!r}; only FP8 is read.", path=where)
-    dropped = {n for n in infos if n.endswith((".input_scale", "._amax", ".amax"))}
-    notes = ["ModelOpt's calibrated input_scale is not used: activations are quantized per token"] if any(
-        n.endswith(".input_scale") for n in infos) else []
-    return Layout("modelopt", _schemes(infos, shapes, where, None), None, dropped=dropped, notes=notes)
+    dropped = {n for n in infos if n.endswith(("._amax", ".amax"))}
+    schemes = _schemes(infos, shapes, where, None)
+    # ModelOpt's FP8 is static: vLLM quantizes activations with its calibrated input_scale.
+    static = _static_layers(infos, schemes, where, required=False, scale_dtypes=("F32", "BF16", "F16"))
+    dropped |= {n for n in infos if n.endswith(".input_scale") and n.removesuffix(".input_scale") not in static}
+    return Layout("modelopt", schemes, None, dropped=dropped, static=static)
 
 
 def _bfl_fp8r(infos: Mapping[str, TensorInfo], shapes: Mapping[str, tuple[int, int]], where: Path) -> Layout:

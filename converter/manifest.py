@@ -72,6 +72,8 @@ def build_manifest(
             entry["reason"] = t.reason
         else:
             entry["scale"] = t.scale_name
+            if t.input_scale_name is not None:
+                entry["input_scale"] = t.input_scale_name
         tensors.append(entry)
         for scale in outputs[1:]:
             tensors.append(
@@ -148,13 +150,15 @@ def saved_manifest(
                                  "shape": list(info.shape)}
         base = info.name.rsplit(".", 1)[0]
         scale = next((f"{base}.{n}" for n in ("weight_scale", "weight_scale_inv") if f"{base}.{n}" in infos), None)
-        if info.name.endswith((".weight_scale", ".weight_scale_inv")):
+        if info.name.endswith((".weight_scale", ".weight_scale_inv", ".input_scale")):
             entry.update(source_dtype=None, scheme="scale", scale_of=f"{base}.weight")
         elif info.dtype == "F8_E4M3" and info.name.endswith(".weight") and scale is not None:
             known = source_dtypes.get(info.name)
             per_row = scale.endswith("weight_scale") and infos[scale].shape[:1] == info.shape[:1] and info.shape[0] > 1
             scheme = "fp8_block" if scale.endswith("_inv") else "fp8_channel" if per_row else "fp8_tensor"
             entry.update(source_dtype=known, scale=scale, scheme=scheme)
+            if f"{base}.input_scale" in infos:
+                entry["input_scale"] = f"{base}.input_scale"
             source_bytes += info.nbytes * (DTYPES[known].itemsize if known else 1)
             linears += 1
             quantized += 1

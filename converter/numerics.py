@@ -14,6 +14,10 @@ The contract (E4M3FN, largest finite value 448):
 * per ``(bn, bk)`` block: the same for every block (edge blocks are partial), stored as the
   float32 grid ``weight_scale_inv`` of shape ``[ceil(N / bn), ceil(K / bk)]``;
 * dequantization is ``q * s`` in both cases;
+* static activations (a calibrated ``input_scale``): ``s_x = max(amax / 448, 2**-126)`` in
+  float32 from the calibration's amax (which must be finite and positive), and
+  ``x_q = RNE(clamp(x_fp32 / s_x, -448, 448))`` for every token alike: values beyond the
+  calibrated range saturate at +-448 rather than overflow;
 * a fused group (``to_q``/``to_k``/``to_v`` that an engine loads as one ``to_qkv``) shares one
   per-tensor scale, ``s = max(max_i amax(|W_i|) / 448, 2**-126)``: the scale of the concatenated
   weight, so each part's ``q`` is exactly the matching rows of the fused tensor's ``q``, and an
@@ -29,7 +33,7 @@ import math
 
 import torch
 
-from .errors import CorruptScaleError, DtypeRangeError, NonFiniteWeightError
+from .errors import CalibrationError, CorruptScaleError, DtypeRangeError, NonFiniteWeightError
 
 __all__ = [
     "FP8_DTYPE",
@@ -45,6 +49,8 @@ __all__ = [
     "quantize_per_channel",
     "dequantize_weight",
     "quantize_activation",
+    "activation_scale",
+    "quantize_activation_static",
     "cast_checked",
     "check_scale",
     "has_fp8_nan",
@@ -243,6 +249,34 @@ def quantize_activation(x: torch.Tensor, group_size: int | None = None) -> tuple
     if group_size is None:
         return q, scale
     return q.flatten(-2)[..., :k], scale.squeeze(-1)
+
+
+def activation_scale(amax: torch.Tensor | float, *, name: str = "input") -> torch.Tensor:
+    """A static ``input_scale`` (0-dim float32) from a calibrated activation amax.
+
+    Unlike a weight's, an activation amax of 0 or a non-finite one has no meaningful scale: 0
+    means the layer never saw a non-zero input during calibration, so any scale is a guess, and
+    an infinite one means the recorded run overflowed. Both are refused, naming the layer.
+    """
+    amax = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+    value = float(amax)
+    if not math.isfinite(value) or value <= 0:
+        raise CalibrationError(
+            f"{name}: calibrated activation amax is {value!r}, which gives no FP8 input scale (the layer saw "
+            f"{'only zeros' if value == 0 else 'non-finite values'} during calibration); keep it dynamic with "
+            "--static-ignored-layers, or calibrate on other inputs."
+        )
+    return _divide(amax, FP8_MAX).clamp_min(MIN_SCALE)
+
+
+def quantize_activation_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """Static activation quantization: ``RNE(clamp(x_fp32 / input_scale, -448, 448))`` as FP8.
+
+    One stored scale for every token, so there is no reduction over ``x`` before the GEMM; values
+    beyond the calibrated range saturate. ``input_scale`` is a float32 tensor on ``x``'s device
+    (a tensor divisor: true division on every device, see ``_divide``).
+    """
+    return (x.to(torch.float32) / input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _check_weight(weight: torch.Tensor, name: str) -> None:

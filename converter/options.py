@@ -83,8 +83,10 @@ class Fp8Config:
             Python regex searched in the module name; vllm-omni's fused names (``to_qkv``,
             ``add_kv_proj``, ``w13``) stand for the layers they fuse. A pattern that matches no
             Linear layer is an error, so a typo never silently quantizes what it meant to keep.
-        activation_scheme: ``"dynamic"`` (per-token scales computed at run time, no calibration).
-            ``"static"`` needs calibration data, which is not supported yet and is refused.
+        activation_scheme: ``"dynamic"`` (per-token scales computed at run time, no calibration)
+            or ``"static"`` (one calibrated ``input_scale`` per Linear, from ``calibration``).
+            A static config without a calibration describes a checkpoint that already has its
+            scales; quantizing with it (convert, load-time, ``quantize_``) needs one.
         weight_block_size: ``None`` for one scale per weight, or ``(bn, bk)`` for one scale per
             ``bn x bk`` block (stored as ``weight_scale_inv``), which keeps outlier rows and
             columns from flattening the rest of the matrix.
@@ -96,6 +98,10 @@ class Fp8Config:
             outlier row no longer flattens the others, and a row-wise FP8 GEMM applies the scales
             in its epilogue at no cost) or ``"block"`` (implied by ``weight_block_size``). ``None``
             means ``"block"`` when a block size is given, else ``"tensor"``.
+        calibration: For ``"static"``: a ``Calibration`` (``omni_fp8.calibrate``) or the path of a
+            calibration file (``omni-convert calibrate``), read and checked here.
+        static_ignored_layers: For ``"static"``: patterns (as ``ignored_layers``) of FP8 Linears
+            whose activations stay dynamic.
     """
 
     method: str = "fp8"
@@ -104,6 +110,8 @@ class Fp8Config:
     weight_block_size: tuple[int, int] | None = None
     preset: str | None = None
     weight_strategy: str | None = None
+    calibration: Any = dataclasses.field(default=None, repr=False)
+    static_ignored_layers: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.method != "fp8":
@@ -115,11 +123,17 @@ class Fp8Config:
             raise ConfigError(
                 f"unknown activation_scheme {self.activation_scheme!r}; use 'dynamic' (or 'static')."
             )
-        if self.activation_scheme == "static":
+        object.__setattr__(self, "static_ignored_layers", split_patterns(self.static_ignored_layers))
+        if self.activation_scheme == "dynamic" and (self.calibration is not None or self.static_ignored_layers):
+            given = "calibration" if self.calibration is not None else "static_ignored_layers"
             raise ConfigError(
-                "activation_scheme 'static' needs calibration data, which omni-fp8 does not support "
-                "yet; use 'dynamic' (no calibration, the default)."
+                f"{given} is given but activation_scheme is 'dynamic'; add activation_scheme='static' "
+                "(--activation-scheme static) or drop it."
             )
+        if self.calibration is not None:
+            from .calibration_file import Calibration
+
+            object.__setattr__(self, "calibration", Calibration.coerce(self.calibration))
         if self.weight_block_size is not None:
             object.__setattr__(self, "weight_block_size", parse_block_size(self.weight_block_size))
         if self.preset is not None and (not isinstance(self.preset, str) or not self.preset):
@@ -198,6 +212,9 @@ class Fp8Config:
             "weight_block_size": list(self.weight_block_size) if self.weight_block_size else None,
             "preset": self.preset,
             "weight_strategy": self.weight_strategy,
+            **({"calibration": self.calibration.provenance() if self.calibration is not None else None,
+                "static_ignored_layers": list(self.static_ignored_layers)}
+               if self.activation_scheme == "static" else {}),
         }
 
 

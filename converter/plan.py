@@ -59,6 +59,7 @@ __all__ = [
     "checkpoint_quantization_config",
     "apply_target",
     "encoder_linears",
+    "static_input_scales",
 ]
 
 FP8_TENSOR, FP8_CHANNEL, FP8_BLOCK, KEPT = "fp8_tensor", "fp8_channel", "fp8_block", "kept"
@@ -367,6 +368,7 @@ class TensorPlan:
     out_dtype: torch.dtype | None = None  # for kept tensors: the dtype written
     block_size: tuple[int, int] | None = None
     scale_group: str | None = None  # the engine's fused Linear whose parts share this weight's scale
+    input_scale: float | None = None  # static activations: the calibrated scale (a float32 value)
 
     @property
     def name(self) -> str:
@@ -385,15 +387,24 @@ class TensorPlan:
         return None
 
     @property
+    def input_scale_name(self) -> str | None:
+        """``X.input_scale`` beside ``X.weight``, as vLLM names a static activation scale."""
+        return None if self.input_scale is None else self.name.removesuffix(".weight") + ".input_scale"
+
+    @property
     def outputs(self) -> tuple[OutputTensor, ...]:
         shape = self.source.shape
+        static = () if self.input_scale is None else (OutputTensor(self.input_scale_name, torch.float32, ()),)
         if self.scheme == FP8_TENSOR:
-            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, ()))
+            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, ()),
+                    *static)
         if self.scheme == FP8_CHANNEL:
-            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, (shape[0], 1)))
+            return (OutputTensor(self.name, FP8_DTYPE, shape),
+                    OutputTensor(self.scale_name, torch.float32, (shape[0], 1)), *static)
         if self.scheme == FP8_BLOCK:
             grid = block_scale_shape(shape, self.block_size)
-            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, grid))
+            return (OutputTensor(self.name, FP8_DTYPE, shape), OutputTensor(self.scale_name, torch.float32, grid),
+                    *static)
         return (OutputTensor(self.name, self.out_dtype or self.source.torch_dtype, shape),)
 
 
@@ -411,6 +422,14 @@ class Plan:
     target: str = DEFAULT_TARGET
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     encoder_ignored: tuple[str, ...] = ()
+    static: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # module -> input_scale
+
+    @property
+    def dynamic_linears(self) -> list[str]:
+        """FP8 Linears whose activations stay dynamic although the scheme is static."""
+        if self.config.activation_scheme != "static":
+            return []
+        return [name for name, d in self.linears.items() if d.quantized and name not in self.static]
 
     @property
     def scale_groups(self) -> dict[str, tuple[TensorPlan, ...]]:
@@ -449,7 +468,7 @@ class Plan:
             kept = set(ignored)
             ignored += [name for name, parts in self.fused.items() if all(p in kept for p in parts)]
             ignored += list(self.encoder_ignored)
-        return checkpoint_quantization_config(self.config, ignored)
+        return checkpoint_quantization_config(self.config, ignored, self.dynamic_linears)
 
     def options(self) -> dict[str, Any]:
         """The options as resolved: the user's, the preset applied, for the manifest."""
@@ -487,13 +506,17 @@ class Plan:
         }
 
 
-def checkpoint_quantization_config(config: Fp8Config, kept_linears: Iterable[str]) -> dict[str, Any]:
+def checkpoint_quantization_config(
+    config: Fp8Config, kept_linears: Iterable[str], dynamic_linears: Iterable[str] = ()
+) -> dict[str, Any]:
     """``config.json``'s ``quantization_config`` for FP8 weights made with ``config``, vLLM's way.
 
     ``ignored_layers`` lists the Linear modules kept in high precision by name, whatever the
-    patterns, presets or alignment that kept them; readers match names, not our patterns.
-    Per-row scales are not in vLLM's fp8 method: ``weight_strategy: "channel"`` says so (their
-    ``[N, 1]`` shape says it too, which is what readers check).
+    patterns, presets or alignment that kept them; readers match names, not our patterns. With
+    static activations, FP8 Linears left dynamic (no ``input_scale``) are listed by name under
+    ``static_ignored_layers`` (only when there are any). Per-row weight scales are not in vLLM's
+    fp8 method: ``weight_strategy: "channel"`` says so (their ``[N, 1]`` shape says it too, which
+    is what readers check).
     """
     block = config.weight_block_size
     out = {
@@ -505,7 +528,42 @@ def checkpoint_quantization_config(config: Fp8Config, kept_linears: Iterable[str
     }
     if config.weight_strategy == "channel":
         out["weight_strategy"] = "channel"
+    dynamic = list(dynamic_linears)
+    if dynamic:
+        out["static_ignored_layers"] = dynamic
     return out
+
+
+def static_input_scales(
+    config: Fp8Config, shapes: Mapping[str, tuple[int, int]], decisions: Mapping[str, LinearDecision], class_name: str
+) -> dict[str, torch.Tensor]:
+    """Each FP8 Linear's static ``input_scale`` (0-dim float32), from ``config.calibration``.
+
+    Empty for dynamic activations. FP8 Linears matched by ``static_ignored_layers`` stay dynamic
+    (a pattern matching none of them is an error, as for ``ignored_layers``). The calibration must
+    be this model's (names and input widths), and every static Linear's amax finite and positive.
+    """
+    if config.activation_scheme != "static":
+        return {}
+    if config.calibration is None:
+        raise ConfigError(
+            "activation_scheme 'static' needs a calibration: record inputs (omni_fp8.record_inputs), run "
+            "omni-convert calibrate SRC --inputs FILE --output scales.safetensors, then pass --calibration "
+            "scales.safetensors (calibration= in Python); or use 'dynamic'."
+        )
+    fp8 = {name: shapes[name] for name, d in decisions.items() if d.quantized}
+    dynamic = set()
+    if config.static_ignored_layers:
+        patterns = compile_patterns(config.static_ignored_layers)
+        for p in patterns:
+            hits = [name for name in fp8 if p.matches(name)]
+            if not hits:
+                message = _unmatched_message(p.text, fp8, class_name).replace("ignored_layers", "static_ignored_layers")
+                raise PatternMatchError(message.replace("matches no Linear layer", "matches no FP8 Linear layer"))
+            dynamic.update(hits)
+    static = [name for name in fp8 if name not in dynamic]
+    config.calibration.check_model(shapes, class_name, static)
+    return {name: config.calibration.input_scale(name) for name in static}
 
 
 def _dtype_label(dtype: torch.dtype | None) -> str:
@@ -545,6 +603,12 @@ def make_plan(
     decisions, fused = apply_target(target, rules, shapes, decisions, config.weight_block_size)
     shared = {part: name for name, parts in fused.items() for part in parts
               if config.weight_strategy == "tensor" and decisions[part].quantized}
+    if config.activation_scheme == "static" and target != DEFAULT_TARGET:
+        raise ConfigError(
+            f"--target {target} with static activations: omni-fp8 writes calibrated input scales for "
+            f"--target {DEFAULT_TARGET} only; use --activation-scheme dynamic for {target}."
+        )
+    static = static_input_scales(config, shapes, decisions, source.class_name)
     encoder = _encoder_linears(source, rules, target) if rules.encoder else ()
 
     weight_of = {f"{name}.weight": name for name in shapes}
@@ -560,8 +624,10 @@ def make_plan(
             )
         decision = decisions[module]
         if decision.quantized:
+            scale = static.get(module)
             plans.append(TensorPlan(info, decision.scheme, block_size=config.weight_block_size,
-                                    scale_group=shared.get(module)))
+                                    scale_group=shared.get(module),
+                                    input_scale=None if scale is None else float(scale)))
         else:
             plans.append(_kept(info, decision.reason, dtype))
     return Plan(
@@ -575,6 +641,7 @@ def make_plan(
         target=target,
         fused=fused,
         encoder_ignored=encoder,
+        static=static,
     )
 
 

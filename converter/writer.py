@@ -318,6 +318,8 @@ def _convert_tensor(
         raise
     yield t.name, q, give_back
     yield t.scale_name, scale, None
+    if t.input_scale is not None:
+        yield t.input_scale_name, torch.tensor(t.input_scale, dtype=torch.float32), None
 
 
 def write_json(path: Path, value: Any) -> FileRecord:

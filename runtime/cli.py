@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from omni_fp8.converter.cli_common import emit_json, fail_cleanly, fp8_config, fp8_options
+from omni_fp8.converter.cli_common import emit_json, fail_cleanly, fp8_config, fp8_options, static_options
 from omni_fp8.converter.errors import ConfigError, OutputExistsError, OutputWriteError
 
 _DTYPES = ("bf16", "fp16", "fp32")
@@ -41,6 +41,7 @@ def main(debug: bool) -> None:
               help="Quantize a BF16 transformer to FP8 while loading (a converted folder is FP8 anyway). Without it, "
                    "and without the FP8 options below, a BF16 folder runs in BF16.")
 @fp8_options
+@static_options
 @click.option("--dtype", type=click.Choice(_DTYPES), default="bf16", show_default=True,
               help="Compute dtype of everything that is not FP8.")
 @click.option("--device", help="Where to run (default: cuda if available, else cpu).")
@@ -77,7 +78,7 @@ def main(debug: bool) -> None:
 @fail_cleanly
 def text_to_image(model: str, revision: str | None, token: str | None, quantization: str | None, preset: str | None,
                   ignored_layers: tuple[str, ...], weight_block_size: str | None, weight_strategy: str | None,
-                  activation_scheme: str, dtype: str,
+                  activation_scheme: str, calibration: str | None, static_ignored_layers: tuple[str, ...], dtype: str,
                   device: str | None, cache_backend: str | None, cache_config: str | None, compile_: bool,
                   cuda_graphs: bool, enable_cpu_offload: bool, sequential_cpu_offload: bool, group_offload: str | None,
                   ulysses_degree: int | None, ring_degree: int | None, attention_backend: str | None,
@@ -98,9 +99,10 @@ def text_to_image(model: str, revision: str | None, token: str | None, quantizat
     if enable_cpu_offload and sequential_cpu_offload:
         raise click.UsageError("--enable-cpu-offload and --sequential-cpu-offload are two ways to offload; give one.")
     normalize_prompts(list(prompts))  # a bad prompt fails now, not after the load
-    custom_fp8 = bool(preset or ignored_layers or weight_block_size or weight_strategy or activation_scheme != "dynamic")
-    config = (fp8_config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy)
-              if custom_fp8 else None)
+    custom_fp8 = bool(preset or ignored_layers or weight_block_size or weight_strategy or activation_scheme != "dynamic"
+                      or calibration or static_ignored_layers)
+    config = fp8_config(preset, ignored_layers, weight_block_size, activation_scheme, weight_strategy, calibration,
+                        static_ignored_layers) if custom_fp8 else None
     params = OmniDiffusionSamplingParams(
         num_inference_steps=num_inference_steps, height=height, width=width, seed=seed, guidance_scale=guidance_scale,
         true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,

@@ -44,7 +44,7 @@ from .fp8_model import Fp8Provenance, mark_fp8, unmark_fp8
 
 __all__ = ["Fp8Quantizer"]
 
-_SCALES = ("weight_scale", "weight_scale_inv")
+_SCALES = ("weight_scale", "weight_scale_inv", "input_scale")
 
 
 class Fp8Quantizer(DiffusersQuantizer):
@@ -59,6 +59,7 @@ class Fp8Quantizer(DiffusersQuantizer):
         self._folder: Path | None = None
         self._folder_config: dict[str, Any] | None = None
         self._schemes: dict[str, str] = {}
+        self._static: dict[str, Any] = {}
         self._headers: tuple = ()
         self._provenance: Fp8Provenance | None = None
         self._torch_dtype: torch.dtype | None = None
@@ -119,14 +120,16 @@ class Fp8Quantizer(DiffusersQuantizer):
             layout = read_layout(source, linear_shapes(model))
             manifest = check_manifest(where, where.parent, folder_config) if self._folder else None
             self._schemes, block = layout.schemes, layout.block_size
+            self._static = dict.fromkeys(layout.static)
             self._provenance = checkpoint_provenance(folder_config, self._schemes, manifest, source.origin)
         else:  # the converter's plan and checks, exactly as load_transformer(quantization="fp8")
             plan = make_plan(source, self.quantization_config, dtype=self._torch_dtype, model=model)
             self._schemes = {name: d.scheme for name, d in plan.linears.items()}
             block = self.quantization_config.weight_block_size
+            self._static = dict(plan.static)  # module -> its calibrated input_scale
             self._provenance = Fp8Provenance.from_plan(plan)
         self._block = block
-        replace_linears(model, self._schemes, block)
+        replace_linears(model, self._schemes, block, static=self._static)
         return model
 
     def _checkpoint_dict(self) -> dict[str, Any]:
@@ -173,14 +176,17 @@ class Fp8Quantizer(DiffusersQuantizer):
             q, scale = module.quantize(original, name=param_name)
             _set(module, "weight", q.to(device))
             _set(module, module.scale_name, scale.to(device))
+            if module.static:
+                _set(module, "input_scale", self._static[param_name.rpartition(".")[0]].to(device, copy=True))
         elif attr == "weight":
             if original.dtype != FP8_DTYPE:
                 raise ModelMismatchError(f"{where}: {param_name} is {original.dtype}, expected float8_e4m3fn.")
             check_fp8_codes(original, name=param_name, where=where)
             _set(module, "weight", original.to(device, copy=True))
         else:
+            original = original.to(torch.float32) if attr == "input_scale" else original  # BF16 ones widen exactly
             check_scale(original, name=param_name, where=where)
-            _set(module, attr, original.reshape(module.scale.shape).to(device, copy=True))
+            _set(module, attr, original.reshape(getattr(module, attr).shape).to(device, copy=True))
 
     def check_quantized_param_shape(self, param_name: str, current_param: torch.Tensor,
                                     loaded_param: torch.Tensor) -> bool:
@@ -205,7 +211,8 @@ class Fp8Quantizer(DiffusersQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         missing = [f"{name}.{attr}" for name, m in model.named_modules() if isinstance(m, Fp8Linear)
-                   for attr in ("weight", m.scale_name) if getattr(m, attr).device.type == "meta"]
+                   for attr in ("weight", m.scale_name, *(("input_scale",) if m.static else ()))
+                   if getattr(m, attr).device.type == "meta"]
         if missing:
             raise ModelMismatchError(
                 f"{self._folder}: the checkpoint lacks {len(missing)} FP8 tensor(s) ({', '.join(missing[:3])}); it is "
@@ -220,10 +227,11 @@ class Fp8Quantizer(DiffusersQuantizer):
         else:
             kept = [name for name, scheme in self._schemes.items() if scheme == KEPT]
             per_row = "channel" if "fp8_channel" in self._schemes.values() else None
+            dynamic = [name for name, scheme in self._schemes.items() if scheme != KEPT and name not in self._static]
+            scheme = self.quantization_config.activation_scheme
             serialized = checkpoint_quantization_config(
-                Fp8Config(weight_block_size=self._block, weight_strategy=per_row,
-                          activation_scheme=self.quantization_config.activation_scheme),
-                kept)
+                Fp8Config(weight_block_size=self._block, weight_strategy=per_row, activation_scheme=scheme), kept,
+                dynamic if scheme == "static" else ())
         mark_fp8(model, quantization_config=serialized, provenance=self._provenance, compute_dtype=self._torch_dtype,
                  quantizer=self)
         return model

@@ -2,8 +2,8 @@
 
 It holds what a converted checkpoint holds, under the same names, so ``state_dict()`` round-trips
 with the files: ``weight`` (float8_e4m3fn ``[out, in]``), ``weight_scale`` (float32 scalar) or
-``weight_scale_inv`` (float32 block grid), and ``bias`` in the compute dtype. The matmul is
-``kernels.fp8_linear``.
+``weight_scale_inv`` (float32 block grid), ``input_scale`` (float32 scalar, static activations
+only) and ``bias`` in the compute dtype. The matmul is ``kernels.fp8_linear``.
 
     >>> layer = Fp8Linear.from_linear(torch.nn.Linear(64, 32))
     >>> layer
@@ -11,6 +11,8 @@ with the files: ``weight`` (float8_e4m3fn ``[out, in]``), ``weight_scale`` (floa
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -24,13 +26,16 @@ __all__ = ["Fp8Linear", "replace_linears"]
 
 
 class Fp8Linear(nn.Module):
-    """``y = x @ (q * s).T + b`` with FP8 ``q``; activations are quantized per token on the fly.
+    """``y = x @ (q * s).T + b`` with FP8 ``q``; activations are quantized per token on the fly,
+    or with one calibrated ``input_scale`` (``static=True``).
 
     Args:
         block_size: ``None`` for one weight scale (``weight_scale``), ``(bn, bk)`` for one per
             block (``weight_scale_inv``).
         per_channel: One scale per output row (``weight_scale`` ``[out, 1]``), as compressed-tensors,
             ModelOpt and BFL ``fp8r`` checkpoints store them.
+        static: Static activations: an ``input_scale`` parameter (float32 scalar, from calibration)
+            quantizes every token, instead of a per-token scale computed on the fly.
         dtype: dtype of the bias (the compute dtype); the output takes the input's dtype.
         force_fp8_gemm: Refuse to run on a device without FP8 matmuls instead of emulating them.
 
@@ -49,6 +54,7 @@ class Fp8Linear(nn.Module):
         *,
         block_size: tuple[int, int] | None = None,
         per_channel: bool = False,
+        static: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         force_fp8_gemm: bool = False,
@@ -82,34 +88,43 @@ class Fp8Linear(nn.Module):
         else:
             grid = block_scale_shape((out_features, in_features), self.block_size)
             self.weight_scale_inv = nn.Parameter(torch.ones(grid, dtype=torch.float32, device=device), requires_grad=False)
+        if static:
+            self.input_scale = nn.Parameter(torch.ones((), dtype=torch.float32, device=device), requires_grad=False)
+        else:
+            self.register_parameter("input_scale", None)
         self._place()
 
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, block_size: tuple[int, int] | None = None, *, per_channel: bool = False,
-        force_fp8_gemm: bool = False,
+        force_fp8_gemm: bool = False, input_scale: torch.Tensor | None = None,
     ) -> Fp8Linear:
-        """Quantize an existing ``nn.Linear`` with the converter's numerics."""
+        """Quantize an existing ``nn.Linear`` with the converter's numerics (``input_scale``: static
+        activations with that calibrated scale, ``numerics.activation_scale``)."""
         layer = cls(
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
             block_size=block_size,
             per_channel=per_channel,
+            static=input_scale is not None,
             device="meta",
             dtype=linear.bias.dtype if linear.bias is not None else linear.weight.dtype,
             force_fp8_gemm=force_fp8_gemm,
         )
         q, scale = layer.quantize(linear.weight.detach())
-        layer.load_quantized(q, scale, None if linear.bias is None else linear.bias.detach())
+        layer.load_quantized(q, scale, None if linear.bias is None else linear.bias.detach(), input_scale=input_scale)
         return layer
 
     def quantize(self, weight: torch.Tensor, *, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
         """``weight`` in this layer's scheme with the shared numerics (a LoRA merge re-quantizes so)."""
         return quantize_weight(weight, self.block_size, per_channel=self.per_channel, name=name)
 
-    def load_quantized(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def load_quantized(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,
+                       input_scale: torch.Tensor | None = None) -> None:
         """Adopt already-quantized tensors (same shapes as ``self``'s), e.g. fresh from a shard."""
+        if (input_scale is None) != (self.input_scale is None):
+            raise ValueError(f"Fp8Linear({self.extra_repr()}) takes {'an' if self.static else 'no'} input_scale")
         expected = (self.weight.shape, self.scale.shape, None if self.bias is None else self.bias.shape)
         got = (weight.shape, scale.shape, None if bias is None else bias.shape)
         if weight.dtype != FP8_DTYPE or got[:2] != expected[:2] or (bias is not None and got[2] != expected[2]):
@@ -119,7 +134,20 @@ class Fp8Linear(nn.Module):
         setattr(self, self.scale_name, nn.Parameter(scale.to(torch.float32), requires_grad=False))
         if bias is not None:
             self.bias = nn.Parameter(bias, requires_grad=False)
+        if input_scale is not None:
+            input_scale = input_scale.to(device=weight.device, dtype=torch.float32).reshape(())
+            check_scale(input_scale, name="input_scale", where=f"Fp8Linear({self.extra_repr()})")
+            self.input_scale = nn.Parameter(input_scale, requires_grad=False)
         self._place(rescale=True)
+
+    @property
+    def static(self) -> bool:
+        """Whether activations are quantized with a calibrated ``input_scale``."""
+        return self._parameters.get("input_scale") is not None
+
+    @property
+    def activation_scheme(self) -> str:
+        return "static" if self.static else "dynamic"
 
     @property
     def scheme(self) -> str:
@@ -178,13 +206,14 @@ class Fp8Linear(nn.Module):
             if self._eager is not None and x.dtype == torch.bfloat16:
                 return self._eager(x)
         return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, self._gemm_fn,
-                          self._buffers.get("gemm_scale"))
+                          self._buffers.get("gemm_scale"), self._parameters.get("input_scale"))
 
     def extra_repr(self) -> str:
         block = f"{self.block_size[0]}x{self.block_size[1]}" if self.block_size else None
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"scheme={self.scheme}" + (f", block_size={block}" if block else "")
+            + (", activations=static" if self.static else "")
         )
 
     def __getstate__(self) -> dict:
@@ -197,14 +226,17 @@ class Fp8Linear(nn.Module):
     def _where(self) -> tuple:
         """Where the weight and scale live now: the GEMM plan is valid while this stays the same."""
         params = self._parameters
-        weight, gemm_scale = params["weight"], self._buffers.get("gemm_scale")
+        weight, gemm_scale, input_scale = params["weight"], self._buffers.get("gemm_scale"), params.get("input_scale")
         return (weight.device, weight.data_ptr(), params[self._scale_key].data_ptr(),
-                None if gemm_scale is None else gemm_scale.data_ptr())
+                None if gemm_scale is None else gemm_scale.data_ptr(),
+                None if input_scale is None else input_scale.data_ptr())
 
     def _after_load(self, *_: object) -> None:
         """After ``load_state_dict``: refuse a scale the contract never writes, then pick the kernel."""
         if self.scale.device.type != "meta":
             check_scale(self.scale, name=self.scale_name, where=f"Fp8Linear({self.extra_repr()})")
+        if self.static and self.input_scale.device.type != "meta":
+            check_scale(self.input_scale, name="input_scale", where=f"Fp8Linear({self.extra_repr()})")
         self._place(rescale=True)
 
     def _place(self, *_: object, rescale: bool = False) -> None:
@@ -223,7 +255,8 @@ class Fp8Linear(nn.Module):
         placement), and a move only moves it, keeping the same tensor object.
         """
         device = self.weight.device
-        if device.type == "meta" or self.scale.device.type == "meta":
+        if device.type == "meta" or self.scale.device.type == "meta" or (
+                self.static and self.input_scale.device.type == "meta"):
             self._gemm_fn, self._eager, self._placed_for = None, None, None
             return
         buf = self._buffers.get("gemm_scale")
@@ -249,7 +282,7 @@ class Fp8Linear(nn.Module):
         their identity (``.data`` is replaced), as ``Module._apply`` does.
         """
         target = fn(torch.empty(0, device=self.weight.device, dtype=self.compute_dtype))
-        for name in ("weight", self.scale_name):
+        for name in ("weight", self.scale_name, *(("input_scale",) if self.static else ())):
             param = getattr(self, name)
             param.data = param.data.to(target.device)
         if "gemm_scale" in self._buffers:
@@ -263,12 +296,14 @@ class Fp8Linear(nn.Module):
 
 
 def replace_linears(
-    model: nn.Module, schemes: dict[str, str], block_size: tuple[int, int] | None, *, force_fp8_gemm: bool = False
+    model: nn.Module, schemes: dict[str, str], block_size: tuple[int, int] | None, *, force_fp8_gemm: bool = False,
+    static: Collection[str] = (),
 ) -> None:
     """Replace every Linear that ``schemes`` marks for FP8 with an empty (meta) ``Fp8Linear``.
 
     The loaders then fill the new layers tensor by tensor; ``schemes`` maps module name to
-    ``"fp8_tensor"``, ``"fp8_channel"``, ``"fp8_block"`` or ``"kept"`` (the plan's names).
+    ``"fp8_tensor"``, ``"fp8_channel"``, ``"fp8_block"`` or ``"kept"`` (the plan's names);
+    the layers named in ``static`` get an ``input_scale`` (static activations).
     """
     for name, scheme in schemes.items():
         if scheme == "kept":
@@ -277,6 +312,6 @@ def replace_linears(
         layer = Fp8Linear(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             block_size=block_size if scheme == "fp8_block" else None, per_channel=scheme == "fp8_channel",
-            device="meta", dtype=linear.weight.dtype, force_fp8_gemm=force_fp8_gemm,
+            static=name in static, device="meta", dtype=linear.weight.dtype, force_fp8_gemm=force_fp8_gemm,
         )
         model.set_submodule(name, layer)

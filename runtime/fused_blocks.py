@@ -160,7 +160,7 @@ def _fuse_linears(layers: list[nn.Module], names: tuple[str, ...]) -> nn.Module:
     """One Linear computing ``torch.cat([layer(x) for layer in layers], -1)``.
 
     Parts that cannot share one layer (mixed FP8 / high precision, FP8 schemes that differ, block
-    rows that do not align) stay separate, inside a ``_Stacked`` module: the processor splits its
+    rows that do not align, static parts with different input scales) stay separate, inside a ``_Stacked`` module: the processor splits its
     output the same way, so nothing else needs to know.
     """
     outs = [layer.out_features for layer in layers]
@@ -189,7 +189,10 @@ def _kind(layer: nn.Module) -> str:
 def _same_fp8(layers: list[Fp8Linear]) -> bool:
     first = layers[0]
     same = all(l.block_size == first.block_size and l.weight.device == first.weight.device
-               and l.compute_dtype == first.compute_dtype and l.fast_accum == first.fast_accum for l in layers)
+               and l.compute_dtype == first.compute_dtype and l.fast_accum == first.fast_accum
+               and l.static == first.static for l in layers)
+    if same and first.static:  # one activation quantization serves all parts only with one input scale
+        same = all(torch.equal(l.input_scale, first.input_scale) for l in layers)
     if same and first.block_size is not None:  # each part must end on a block row
         same = all(l.out_features % first.block_size[0] == 0 for l in layers[:-1])
     return same
@@ -199,8 +202,8 @@ def _fuse_fp8(layers: list[Fp8Linear]) -> Fp8Linear:
     first = layers[0]
     blocked = first.block_size is not None
     fused = Fp8Linear(first.in_features, sum(l.out_features for l in layers), bias=first.bias is not None,
-                      block_size=first.block_size, per_channel=not blocked, device="meta", dtype=first.compute_dtype,
-                      force_fp8_gemm=first.force_fp8_gemm)
+                      block_size=first.block_size, per_channel=not blocked, static=first.static, device="meta",
+                      dtype=first.compute_dtype, force_fp8_gemm=first.force_fp8_gemm)
     with torch.no_grad():
         weight = torch.cat([l.weight.detach() for l in layers])
         if blocked:
@@ -208,7 +211,8 @@ def _fuse_fp8(layers: list[Fp8Linear]) -> Fp8Linear:
         else:  # a per-tensor part's scale repeated on each of its rows: the same row-wise GEMM
             scale = torch.cat([l.scale.detach().reshape(-1, 1).expand(l.out_features, 1) for l in layers])
         bias = None if first.bias is None else torch.cat([l.bias.detach() for l in layers])
-        fused.load_quantized(weight, scale.contiguous(), bias)
+        input_scale = first.input_scale.detach() if first.static else None  # the parts' one scale (_same_fp8)
+        fused.load_quantized(weight, scale.contiguous(), bias, input_scale=input_scale)
     fused.fast_accum = first.fast_accum
     return fused
 
@@ -230,8 +234,8 @@ def _split_linear(fused: nn.Module) -> list[nn.Module]:
         else:
             block = fused.block_size
             layer = Fp8Linear(fused.in_features, n, bias=bias is not None, block_size=block,
-                              per_channel=kind == "fp8_channel", device="meta", dtype=fused.compute_dtype,
-                              force_fp8_gemm=fused.force_fp8_gemm)
+                              per_channel=kind == "fp8_channel", static=fused.static, device="meta",
+                              dtype=fused.compute_dtype, force_fp8_gemm=fused.force_fp8_gemm)
             scale = fused.scale.detach()
             if block is not None:
                 scale = scale[start // block[0]: (start + n) // block[0]].clone()
@@ -239,7 +243,8 @@ def _split_linear(fused: nn.Module) -> list[nn.Module]:
                 scale = scale[rows].clone()
             else:
                 scale = scale[start, 0].clone()  # every row of a per-tensor part holds its scale
-            layer.load_quantized(fused.weight.detach()[rows].clone(), scale, bias)
+            layer.load_quantized(fused.weight.detach()[rows].clone(), scale, bias,
+                                 input_scale=fused.input_scale.detach().clone() if fused.static else None)
             layer.fast_accum = fused.fast_accum
         layers.append(layer)
         start += n
@@ -416,7 +421,7 @@ def _feeds_per_token_fp8(block: nn.Module) -> bool:
     for mlp in (getattr(block, "img_mlp", None), getattr(block, "txt_mlp", None)):
         first = getattr(mlp, "net", [None])[0]
         readers.append(getattr(first, "proj", None))
-    return any(isinstance(r, Fp8Linear) and r.block_size is None for r in readers)
+    return any(isinstance(r, Fp8Linear) and r.block_size is None and not r.static for r in readers)
 
 
 class _Modulate:

@@ -13,7 +13,10 @@
   every Linear, where the GPU keeps the few-row modulation Linears' activations in BF16).
 
 Per-tensor weights pair with per-token activation scales; block weights ``(bn, bk)`` with
-per-token, per-``bk``-column-group activation scales. With at most 16 rows (the modulation
+per-token, per-``bk``-column-group activation scales. A layer with a calibrated ``input_scale``
+(static activations) quantizes with that one scale instead (plain tensor ops, no reduction): a
+per-tensor GEMM for per-tensor weights, the row-wise or block GEMM with the scale repeated for
+per-channel or block weights. With at most 16 rows (the modulation
 Linears) a Triton GEMV reads the FP8 weight with BF16 activations instead.
 """
 
@@ -25,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from omni_fp8.converter.errors import ConfigError
-from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_activation
+from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_activation, quantize_activation_static
 
 from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, fp8_weight_gemv, gemv_supports, quantize_activation_cuda
 
@@ -118,11 +121,12 @@ def fp8_linear(
     block_size: tuple[int, int] | None,
     mm: Callable | None,
     gemm_scale: torch.Tensor | None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ dequant(weight).T + bias`` with dynamic FP8 activations; output in ``x.dtype``.
+    """``x @ dequant(weight).T + bias`` with FP8 activations; output in ``x.dtype``.
 
     ``mm`` and ``gemm_scale`` (``gemm_for``, ``gemm_scale_layout``) are the FP8 GEMM and its weight scale;
-    ``None`` means emulate.
+    ``None`` means emulate. ``input_scale`` (0-dim float32) makes the activations static.
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -130,14 +134,39 @@ def fp8_linear(
     if mm is not None and x.dtype == torch.bfloat16:
         if x2.shape[0] <= GEMV_MAX_ROWS and gemv_supports(block_size):
             y = _small_m(x2, weight, scale, bias, block_size)
+        elif input_scale is not None:
+            y = _static_mm(x2, input_scale, weight, scale, bias, block_size, mm, gemm_scale,
+                           fast_accum=mm is _rowwise_mm_fast)
         else:
             xq, xs = _shared_quantize(x, x2, group)
             y = mm(xq, xs, weight, gemm_scale, bias)
             if y.shape[0] != x2.shape[0]:
                 y = y[: x2.shape[0]]  # rows the block-scaled GEMM needed as padding
     else:
-        y = _emulated(x2, weight, scale, bias, block_size)
+        y = _emulated(x2, weight, scale, bias, block_size, input_scale)
     return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def _static_mm(x2, input_scale, weight, scale, bias, block_size, mm, gemm_scale, fast_accum: bool = False):
+    """The FP8 GEMM with a calibrated activation scale: quantize with it, then multiply.
+
+    cuBLASLt takes a scalar scale on both sides (per-tensor weights), or row-wise / 1x128 scales
+    on both; for per-channel and block weights the one activation scale is repeated into that
+    layout, which gives the same products.
+    """
+    m = x2.shape[0]
+    xq = quantize_activation_static(x2, input_scale)
+    if block_size is None:
+        if scale.dim() == 0:
+            return torch._scaled_mm(xq, weight.t(), scale_a=input_scale, scale_b=scale,
+                                    bias=None if bias is None else bias.to(torch.bfloat16),
+                                    out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        xs = input_scale.reshape(1, 1).expand(m, 1).contiguous()
+        return _rowwise_mm(xq, xs, weight, gemm_scale, bias, fast_accum)
+    groups = -(-x2.shape[1] // block_size[1])
+    xs = input_scale.reshape(1, 1).expand(groups, m).contiguous().t()  # column-major [M, K/128]
+    y = mm(xq, xs, weight, gemm_scale, bias)
+    return y[:m] if y.shape[0] != m else y
 
 
 def eager_linear(layer) -> Callable | None:
@@ -161,6 +190,9 @@ def eager_linear(layer) -> Callable | None:
     scale = layer.scale
     scaled_mm, bf16 = torch._scaled_mm, torch.bfloat16
     gemv = fp8_weight_gemv if gemv_supports(None) else None
+    input_scale = params.get("input_scale")
+    if input_scale is not None:
+        return _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv, fast)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -173,6 +205,31 @@ def eager_linear(layer) -> Callable | None:
         else:
             xq, xs = _shared_quantize(x, x2, None)
             y = scaled_mm(xq, weight_t, scale_a=xs, scale_b=gemm_scale, bias=bias, out_dtype=bf16, use_fast_accum=fast)
+        return y.view(*shape[:-1], n)
+
+    return run
+
+
+def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv, fast) -> Callable:
+    """``eager_linear``'s closure for a layer with a calibrated ``input_scale``: no amax
+    reduction, and for per-tensor weights a per-tensor GEMM (a scalar scale on both sides)."""
+    n, k = weight.shape
+    scaled_mm, bf16, quantize = torch._scaled_mm, torch.bfloat16, quantize_activation_static
+    per_tensor = scale.dim() == 0
+    scale_b = scale if per_tensor else gemm_scale
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, k)
+        bias = params["bias"]
+        if bias is not None and bias.dtype != bf16:
+            bias = bias.to(bf16)
+        if gemv is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+            y = gemv(x2, weight, scale, bias, None)
+        else:
+            xq = quantize(x2, input_scale)
+            xs = input_scale if per_tensor else input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+            y = scaled_mm(xq, weight_t, scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=bf16, use_fast_accum=fast)
         return y.view(*shape[:-1], n)
 
     return run
@@ -326,14 +383,17 @@ def _(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gemm_scale: torc
 
 
 def _emulated(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block_size: tuple[int, int] | None
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+    block_size: tuple[int, int] | None, input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     group = None if block_size is None else block_size[1]
-    xq, x_scale = quantize_activation(x, group)
-    if group is None:
-        x_deq = xq.to(torch.float32) * x_scale
+    if input_scale is not None:  # static: one calibrated scale for every token and group
+        x_deq = quantize_activation_static(x, input_scale).to(torch.float32) * input_scale
     else:
-        x_deq = xq.to(torch.float32) * x_scale.repeat_interleave(group, dim=-1)[..., : x.shape[-1]]
+        xq, x_scale = quantize_activation(x, group)
+        if group is not None:
+            x_scale = x_scale.repeat_interleave(group, dim=-1)[..., : x.shape[-1]]
+        x_deq = xq.to(torch.float32) * x_scale
     w_deq = dequantize_weight(weight, scale, block_size, torch.float32)
     y = x_deq @ w_deq.t()
     if bias is not None:

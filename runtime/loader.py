@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +171,7 @@ def _load_quantizing(
     """The converter's plan and numerics, applied tensor by tensor into the model."""
     plan = make_plan(source, config, dtype=dtype, model=model)
     replace_linears(model, {n: d.scheme for n, d in plan.linears.items()}, config.weight_block_size,
-                    force_fp8_gemm=force)
+                    force_fp8_gemm=force, static=plan.static)
     plans = {t.name: t for t in plan.tensors}
 
     def place(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -182,6 +182,8 @@ def _load_quantizing(
         q, scale = quantize_weight(tensor, t.block_size, per_channel=t.per_channel, name=name)
         yield name, q.to(device)
         yield t.scale_name, scale.to(device)
+        if t.input_scale is not None:  # the value the converter writes, as the same float32 tensor
+            yield t.input_scale_name, torch.tensor(t.input_scale, dtype=torch.float32, device=device)
 
     _stream(model, source, place, progress)
     return plan.quantization_config(), Fp8Provenance.from_plan(plan)
@@ -197,8 +199,8 @@ def _load_fp8(
     infos = {t.name: t for t in source.tensors}
     schemes = layout.schemes
     if explicit is not None:
-        _check_agrees(explicit, schemes, layout.block_size, model, source)
-    replace_linears(model, schemes, layout.block_size, force_fp8_gemm=force)
+        _check_agrees(explicit, schemes, layout.block_size, model, source, layout.static)
+    replace_linears(model, schemes, layout.block_size, force_fp8_gemm=force, static=layout.static)
     for note in layout.notes:
         warnings.warn(f"{source.shards[0].path}: {note}.", stacklevel=3)
 
@@ -206,7 +208,7 @@ def _load_fp8(
         # Checked on the mapped bytes, before they are copied anywhere (see the README's Safety).
         where = str(infos[stored].file)
         for name, part in layout.translate(stored, tensor):
-            if name.endswith(("weight_scale", "weight_scale_inv")):
+            if name.endswith(("weight_scale", "weight_scale_inv", ".input_scale")):
                 check_scale(part, name=name, where=where)
                 yield name, _owned(part, device, None)
             elif part.dtype == FP8_DTYPE:
@@ -293,10 +295,17 @@ def check_manifest(model_dir: Path, root: Path, folder_config: Mapping[str, Any]
 
 
 def _check_agrees(
-    explicit: Fp8Config, schemes: Mapping[str, str], block: tuple[int, int] | None, model: nn.Module, source: Source
+    explicit: Fp8Config, schemes: Mapping[str, str], block: tuple[int, int] | None, model: nn.Module, source: Source,
+    static: Collection[str] = (),
 ) -> None:
     """An explicit config must describe the folder's conversion, or it would silently not apply."""
     where = source.model_dir
+    folder_scheme = "static" if static else "dynamic"
+    if explicit.activation_scheme != folder_scheme:
+        raise ConfigError(
+            f"{where}: quantization_config asks for {explicit.activation_scheme} activations but the folder holds "
+            f"{folder_scheme} ones; omit quantization_config to load it as converted, or convert again."
+        )
     if explicit.weight_block_size != block:
         raise ConfigError(
             f"{where}: quantization_config asks for weight_block_size {explicit.weight_block_size} but the folder "
@@ -322,7 +331,7 @@ def check_converted_config(source: Source, explicit: Fp8Config) -> None:
     model = empty_model(source.class_name, source.config)
     layout = read_layout(source, linear_shapes(model))
     if layout is not None:
-        _check_agrees(explicit, layout.schemes, layout.block_size, model, source)
+        _check_agrees(explicit, layout.schemes, layout.block_size, model, source, layout.static)
 
 
 def _load_plain(

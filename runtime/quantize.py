@@ -20,7 +20,7 @@ from torch import nn
 
 from omni_fp8.converter.errors import ConfigError
 from omni_fp8.converter.options import Fp8Config
-from omni_fp8.converter.plan import checkpoint_quantization_config, decide_linears
+from omni_fp8.converter.plan import checkpoint_quantization_config, decide_linears, static_input_scales
 from omni_fp8.converter.safetensors_format import dtype_name
 
 from .fp8_linear import Fp8Linear
@@ -41,6 +41,7 @@ def quantize_(
         raise ConfigError(f"quantize_ takes a torch.nn.Module (a diffusers transformer), got {type(model).__name__}.")
     config = Fp8Config.coerce(config)
     plan = decide_linears(model, config)
+    static = static_input_scales(config, plan.shapes, plan.decisions, type(model).__name__)
     source_dtypes = {}
     with torch.no_grad():
         for name, decision in plan.decisions.items():
@@ -48,9 +49,12 @@ def quantize_(
                 continue
             linear = model.get_submodule(name)
             source_dtypes[f"{name}.weight"] = dtype_name(linear.weight.dtype)
+            input_scale = static.get(name)
+            if input_scale is not None:
+                input_scale = input_scale.to(linear.weight.device)
             model.set_submodule(name, Fp8Linear.from_linear(
                 linear, config.weight_block_size, per_channel=config.weight_strategy == "channel",
-                force_fp8_gemm=force_fp8_kernels))
+                force_fp8_gemm=force_fp8_kernels, input_scale=input_scale))
             del linear
     if "peft" in sys.modules:  # LoRA loaded before quantizing: its wrappers must merge into FP8
         from .lora import adopt_lora_wrappers
@@ -59,7 +63,9 @@ def quantize_(
     options = {**config.to_dict(), "preset": plan.preset.name if plan.preset else "none",
                "ignored_layers": list(plan.ignored_layers), "dtype": "keep"}
     kept = [name for name, d in plan.decisions.items() if not d.quantized]
-    mark_fp8(model, quantization_config=checkpoint_quantization_config(config, kept),
+    dynamic = [name for name, d in plan.decisions.items() if d.quantized and name not in static] \
+        if config.activation_scheme == "static" else []
+    mark_fp8(model, quantization_config=checkpoint_quantization_config(config, kept, dynamic),
              provenance=Fp8Provenance(options, {n: plan.decisions[n].reason for n in kept}, source_dtypes,
                                       {"type": "memory", "class_name": type(model).__name__}))
     return model

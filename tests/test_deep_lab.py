@@ -89,3 +89,21 @@ def test_scaled_groups_map_lab_blocks_to_real_depth():
     assert kept(60) == ["img_in", "transformer_blocks.57.img_mlp", "transformer_blocks.58.img_mlp",
                         "transformer_blocks.59.img_mlp"]
     assert deep.edge_blocks(24, 2) == [0, 1, 22, 23] and deep.edge_blocks(2, 4) == [0, 1]
+
+
+def test_static_policies_add_rows_to_an_earlier_evaluation(run, tmp_path):
+    """``evaluate --policies`` with static keys: calibrated on the calibration set, merged into deep.json."""
+    import shutil
+
+    out, before = run
+    copy = tmp_path / "deeplab"
+    shutil.copytree(out, copy)
+    assert deep.main(["evaluate", "--out", str(copy), "--policies", "a-s,b-s,f-s", *TINY]) == 0
+    data = json.loads((copy / "deep.json").read_text())
+    assert data["errors"] == {}, data["errors"]
+    keys = {name.split(":")[0] for name in data["policies"]}
+    assert {"a-s", "b-s", "f-s"} <= keys and {p.key for p in deep.POLICIES} <= keys  # the earlier rows stay
+    for key in ("a-s", "b-s", "f-s"):
+        m = next(v for k, v in data["policies"].items() if k.startswith(key + ":"))
+        assert math.isfinite(m["psnr"]) and m["config"]["activation_scheme"] == "static", key
+    assert data["calibration"]["classes"] == [0, 2, 4, 6, 8]

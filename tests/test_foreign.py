@@ -18,7 +18,7 @@ from torch import nn
 
 from omni_fp8 import Fp8Linear, convert, load_transformer, verify
 from omni_fp8.converter.cli import main
-from omni_fp8.converter.errors import SourceNotFoundError, UnsupportedSourceError
+from omni_fp8.converter.errors import ModelMismatchError, SourceNotFoundError, UnsupportedSourceError
 from omni_fp8.converter.numerics import quantize_per_channel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "foreign"
@@ -149,29 +149,47 @@ def test_comfyui_legacy_scaled_fp8_and_prefixed_files(qwen_src, tmp_path):
 
 # --- ModelOpt folders ---------------------------------------------------------------------------
 
-def test_modelopt_fp8_folder(qwen_src, tmp_path):
-    """vLLM's ModelOpt FP8 layout (quant_method modelopt, quant_algo FP8, calibrated input_scale)."""
-    convert(qwen_src, tmp_path / "ours", progress=False)
-    folder = tmp_path / "modelopt"
-    shutil.copytree(tmp_path / "ours", folder)
-    (folder / "fp8_manifest.json").unlink()
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": []}
-    (folder / "config.json").write_text(json.dumps(config))
+def _with_input_scales(folder, value, dtype=torch.float32, shape=()):
+    """Add an ``input_scale`` beside every ``weight_scale`` of a folder, as other tools write them."""
     for path in folder.glob("*.safetensors"):
         tensors = load_file(path)
-        tensors.update({n.replace("weight_scale", "input_scale"): torch.tensor(0.05) for n in list(tensors)
-                        if n.endswith("weight_scale")})
+        tensors.update({n.replace("weight_scale", "input_scale"): torch.full(shape, value, dtype=dtype)
+                        for n in list(tensors) if n.endswith("weight_scale")})
         save_file(tensors, path)
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    data = json.loads(index.read_text())
-    data["weight_map"].update({n.replace("weight_scale", "input_scale"): f for n, f in list(data["weight_map"].items())
-                               if n.endswith("weight_scale")})
-    index.write_text(json.dumps(data))
-    with pytest.warns(UserWarning, match="input_scale is not used"):
-        model = load_transformer(folder, progress=False)
-    ours = load_transformer(tmp_path / "ours", progress=False)
-    assert torch.equal(run_qwen(model), run_qwen(ours))
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"].update({n.replace("weight_scale", "input_scale"): f
+                                   for n, f in list(data["weight_map"].items()) if n.endswith("weight_scale")})
+        index.write_text(json.dumps(data))
+
+
+def _foreign_copy(ours, folder, quantization_config):
+    shutil.copytree(ours, folder)
+    (folder / "fp8_manifest.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_modelopt_fp8_folder(qwen_src, tmp_path):
+    """vLLM's ModelOpt FP8 layout (quant_method modelopt, quant_algo FP8): its calibrated input_scale
+    makes each layer static, as vLLM runs it; the same scales in a vLLM fp8 static folder give the
+    same outputs bit for bit."""
+    convert(qwen_src, tmp_path / "ours", progress=False)
+    _foreign_copy(tmp_path / "ours", tmp_path / "modelopt",
+                  {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": []})
+    _with_input_scales(tmp_path / "modelopt", 0.05)
+    model = load_transformer(tmp_path / "modelopt", progress=False)
+    layers = fp8_layers(model)
+    assert layers and all(m.static and float(m.input_scale) == torch.tensor(0.05).item() for m in layers.values())
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]
+    _foreign_copy(tmp_path / "ours", tmp_path / "vllm", {**ours, "activation_scheme": "static"})
+    _with_input_scales(tmp_path / "vllm", 0.05)
+    vllm = load_transformer(tmp_path / "vllm", progress=False)
+    assert all(m.static for m in fp8_layers(vllm).values())
+    assert torch.equal(run_qwen(model), run_qwen(vllm))
+    assert not torch.equal(run_qwen(model), run_qwen(load_transformer(tmp_path / "ours", progress=False)))
 
 
 # --- compressed-tensors, written by llm-compressor -------------------------------------------
@@ -194,14 +212,25 @@ def test_compressed_tensors_from_llm_compressor(name, strategy, request):
     assert rel_l2(RUN[family](model), RUN[family](bf16)) < 0.06
 
 
-def test_compressed_tensors_static_activations_are_refused(tmp_path):
+def test_compressed_tensors_static_activations(tmp_path):
+    """llm-compressor's static per-tensor input activations: ``input_scale`` [1] in the model's dtype."""
     folder = tmp_path / "static"
     shutil.copytree(FIXTURES / "qwen-fp8-dynamic", folder)
     config = json.loads((folder / "config.json").read_text())
     for group in config["quantization_config"]["config_groups"].values():
         group["input_activations"]["dynamic"] = False
+        group["input_activations"]["strategy"] = "tensor"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedSourceError, match="static input activation scales"):
+    with pytest.raises(ModelMismatchError, match=r"activation_scheme is static but .*\.input_scale is missing"):
+        load_transformer(folder, progress=False)
+    _with_input_scales(folder, 0.03, dtype=torch.bfloat16, shape=(1,))
+    layers = fp8_layers(load_transformer(folder, progress=False))
+    assert layers and all(m.static and m.input_scale.dtype == torch.float32 and m.input_scale.shape == ()
+                          for m in layers.values())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["input_activations"]["strategy"] = "token"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedSourceError, match="static input activations float8 strategy 'token'"):
         load_transformer(folder, progress=False)
 
 

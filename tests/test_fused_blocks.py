@@ -122,6 +122,37 @@ def test_fused_batch_of_two(name):
     assert torch.equal(run(model, args_, kwargs), reference)
 
 
+@pytest.mark.parametrize("name", ["qwen-image", "z-image"])
+@pytest.mark.parametrize("strategy", ["tensor", "channel"])
+def test_static_parts_fuse_with_their_one_input_scale(name, strategy):
+    """q/k/v read one input, so calibration gives them one input scale: the fused layer keeps it (no
+    modulation codes, which are per token); parts whose scales differ stay apart."""
+    from omni_fp8 import calibrate, record_inputs
+
+    model = build(name, "bf16")
+    args_, kwargs = inputs(name, model)
+    with record_inputs(model) as calls:
+        run(model, args_, kwargs)
+    quantize_(model, {"preset": "none", "weight_strategy": strategy, "activation_scheme": "static",
+                      "calibration": calibrate(model, calls, progress=False)})
+    reference, before = run(model, args_, kwargs), state(model)
+    fuse_blocks_(model)
+    fused = [m.to_qkv for m in model.modules() if hasattr(m, "to_qkv")]
+    assert fused and all(isinstance(f, Fp8Linear) and f.static for f in fused)
+    if name == "qwen-image":
+        assert not any(b.__dict__["_modulate"].quantize for b in model.transformer_blocks)
+    assert torch.equal(run(model, args_, kwargs), reference)
+    unfuse_blocks_(model)
+    assert all(torch.equal(v, before[k]) for k, v in state(model).items())
+
+    attn = next(m for m in model.modules() if hasattr(m, "to_q"))
+    with torch.no_grad():
+        attn.to_k.input_scale.mul_(2)  # another tool's checkpoint may calibrate parts apart
+    reference = run(model, args_, kwargs)
+    fuse_blocks_(model)
+    assert isinstance(attn.to_qkv, _Stacked) and torch.equal(run(model, args_, kwargs), reference)
+
+
 def test_mixed_precision_parts_stay_apart_with_the_same_result():
     """A preset that kept to_v in BF16: the three cannot share a layer, the result is the same."""
     model = build("qwen-image", "bf16")

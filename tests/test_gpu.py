@@ -218,3 +218,62 @@ def test_every_offload_mode_runs_the_fp8_kernels(family, mode, request, monkeypa
         out = _run_gpu(family, model)
         assert rel_l2(out, expected) < 1e-3
     assert calls["fp8_gemm"] > 0 and calls["emulated"] == 0, calls
+
+
+@needs_fp8
+@pytest.mark.parametrize("block", [None, (128, 128), "channel"])
+@pytest.mark.parametrize("m", [1, 17, 1000])
+def test_static_fp8_gemm_matches_the_emulation(block, m):
+    """A calibrated input_scale: the per-tensor GEMM (scalar scales both sides), or the row-wise /
+    1x128 GEMM with the one scale repeated, against the float32 emulation of the same numerics."""
+    from omni_fp8.converter.numerics import activation_scale
+
+    torch.manual_seed(0)
+    linear = nn.Linear(1024, 768).to(torch.bfloat16)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    scale = activation_scale(x.abs().amax().float().cpu() * 0.8)  # some values saturate
+    per_channel = block == "channel"
+    block = None if per_channel else block
+    layer = Fp8Linear.from_linear(linear, block_size=block, per_channel=per_channel, input_scale=scale).cuda()
+    if block is not None and layer._gemm_fn is None:
+        pytest.skip("no block-scaled FP8 GEMM on this GPU")
+    assert layer._gemm_fn is not None and layer.input_scale.is_cuda
+    fast = layer(x)
+    through_dispatch = kernels.fp8_linear(x, layer.weight, layer.scale, layer.bias, layer.block_size, layer._gemm_fn,
+                                          layer.gemm_scale, layer.input_scale)
+    if m <= 16:  # the FP8-weight GEMV: BF16 activations, as for dynamic layers
+        reference = x.float() @ layer.dequantized_weight().t() + layer.bias.float()
+    else:
+        reference = kernels._emulated(x, layer.weight, layer.scale, layer.bias, layer.block_size, layer.input_scale)
+    assert fast.dtype == torch.bfloat16
+    assert rel_l2(fast, reference) < 1e-2 and rel_l2(through_dispatch, reference) < 1e-2
+
+
+@needs_fp8
+def test_static_model_compiles_without_graph_breaks_and_matches_eager(qwen_src):
+    from omni_fp8 import calibrate
+
+    model = load_transformer(qwen_src, device="cuda", dtype=torch.bfloat16, progress=False)
+    cfg = model.config
+    g = torch.Generator(device="cuda").manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
+        "encoder_hidden_states": torch.randn(1, 16, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
+        "encoder_hidden_states_mask": torch.ones(1, 16, dtype=torch.bool, device="cuda"),
+        "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
+        "img_shapes": [[(1, 8, 8)]],
+        "return_dict": False,
+    }
+    scales = calibrate(model, [inputs], progress=False)
+    model = load_transformer(qwen_src, quantization="fp8", device="cuda", progress=False, quantization_config={
+        "preset": "none", "activation_scheme": "static", "calibration": scales})
+    on_cpu = load_transformer(qwen_src, quantization="fp8", progress=False, quantization_config={
+        "preset": "none", "activation_scheme": "static", "calibration": scales})
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        reference = on_cpu(**{k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()})[0]
+        torch._dynamo.reset()
+        model.compile_repeated_blocks(fullgraph=True)
+        compiled = model(**inputs)[0]
+    assert rel_l2(eager, reference) < 5e-2  # GPU kernels vs the CPU emulation, same scales
+    assert rel_l2(compiled, eager) < 5e-2

@@ -143,13 +143,15 @@ def test_class_unknown_to_diffusers(copy_of, qwen_src):
 
 @pytest.mark.parametrize("values,why", [
     ({"method": "int8"}, "quantization method 'int8' is not supported"),
-    ({"activation_scheme": "static"}, "activation_scheme 'static' needs calibration data"),
+    ({"calibration": "scales.safetensors"}, "calibration is given but activation_scheme is 'dynamic'"),
+    ({"static_ignored_layers": "img_mlp"}, "static_ignored_layers is given but activation_scheme is 'dynamic'"),
+    ({"activation_scheme": "static", "calibration": 3}, "calibration must be a Calibration"),
     ({"activation_scheme": "token"}, "unknown activation_scheme 'token'"),
     ({"weight_block_size": [128]}, "bad weight_block_size"),
     ({"weight_block_size": "128,100"}, "bad weight_block_size '128,100': give two positive multiples of 16"),
     ({"weight_block_size": [0, 128]}, "bad weight_block_size"),
     ({"weight_block_size": [True, 128]}, "bad weight_block_size"),
-    ({"ignored_layer": ["img_mlp"]}, r"unknown quantization_config key\(s\) 'ignored_layer'; supported: activation_scheme, ignored_layers"),
+    ({"ignored_layer": ["img_mlp"]}, r"unknown quantization_config key\(s\) 'ignored_layer'; supported: activation_scheme, calibration, ignored_layers"),
     ({"ignored_layers": [3]}, "ignored_layers entries must be strings"),
     ({"method": "fp8", "quant_method": "int4"}, "give one"),
 ])

@@ -338,14 +338,14 @@ def test_gpu_load_and_fp8_gemm_close_to_emulation(qwen_src):
     assert rel_l2(out, ref) < 0.05
 
 
-def test_static_activation_folders_are_refused(qwen_src, tmp_path):
+def test_static_folders_without_input_scales_are_refused(qwen_src, tmp_path):
     convert(qwen_src, tmp_path / "fp8", progress=False)
     (tmp_path / "fp8" / MANIFEST_NAME).unlink()
     path = tmp_path / "fp8" / "config.json"
     config = json.loads(path.read_text())
     config["quantization_config"]["activation_scheme"] = "static"
     path.write_text(json.dumps(config))
-    with pytest.raises(UnsupportedSourceError, match="activation_scheme 'static' .* is not supported"):
+    with pytest.raises(ModelMismatchError, match=r"activation_scheme is static but .*\.input_scale is missing"):
         load_transformer(tmp_path / "fp8", progress=False)
 
 

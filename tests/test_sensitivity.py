@@ -126,5 +126,5 @@ def test_inputs_from_a_newer_format_are_refused(tmp_path):
 
     save_file({"00000.x": torch.ones(1)}, tmp_path / "in.safetensors",
               metadata={"omni-fp8-inputs": json.dumps({"format_version": 99, "other": [{}]})})
-    with pytest.raises(CorruptCheckpointError, match="recorded-inputs format_version 99 is not 1; upgrade omni-fp8"):
+    with pytest.raises(CorruptCheckpointError, match="recorded-inputs format_version 99 is not 1 or 2; upgrade omni-fp8"):
         load_inputs(tmp_path / "in.safetensors")

@@ -12,6 +12,12 @@ policy and scores it against this model's own BF16 samples with the lab's metric
     python bench/quality_lab/deep.py train --out DIR --steps 3000
     python bench/quality_lab/deep.py evaluate --out DIR               # scores DIR/model again
     python bench/quality_lab/deep.py all --out /tmp/deep --blocks 4 --steps 20 --batch 16 --samples 16  # CPU smoke run
+    python bench/quality_lab/deep.py evaluate --out DIR --static --policies a,a-s,a-s99,f,f-s,b-s   # static rows only
+
+``--static`` adds the static-activation policies (``-s``: calibrated with the running max,
+``-s99``: the per-call 99.99th percentile), calibrated on seeds and classes the gate never scores
+(``gate.calibration_calls``); ``--policies`` scores only the policies with those keys (and no
+controls or ``suggest``), so a run can add rows without repeating the others.
 
 Writes into ``--out``: ``model/`` (the BF16 diffusers folder in shards of at most 15 MB, and
 ``class_tokens.safetensors``), ``deep.json`` (rewritten after every part, ``"complete": true``
@@ -73,6 +79,7 @@ class Policy:
     block_size: tuple[int, int] | None = None
     per_channel: bool = False
     fast_accum: bool = False  # Fp8Linear.fast_accum: cuBLASLt's faster, less exact accumulation (GPU only)
+    static: str | None = None  # the calibration statistic, for static activations
 
     def config(self, blocks: int) -> dict[str, Any]:
         config: dict[str, Any] = {"preset": self.preset, "ignored_layers": self.kept(blocks)}
@@ -80,6 +87,8 @@ class Policy:
             config["weight_block_size"] = list(self.block_size)
         if self.per_channel:
             config["weight_strategy"] = "channel"
+        if self.static:  # the calibration itself is added where the policy is applied
+            config["activation_scheme"] = "static"
         return config
 
 
@@ -128,15 +137,27 @@ POLICIES = [
     Policy("f+b+fast", "embedders and output layers, per-channel scales, fast accumulation",
            lambda blocks: list(EMBEDDERS), per_channel=True, fast_accum=True),
 ]
+# Static activation scales (``--static``), calibrated on gate.calibration_calls.
+STATIC_POLICIES = [
+    Policy("a-s", "every Linear, per-tensor, static activations (max)", static="max"),
+    Policy("a-s99", "every Linear, per-tensor, static activations (p99.99)", static="p99.99"),
+    Policy("b-s", "every Linear, per-channel weight scales, static activations (max)", per_channel=True, static="max"),
+    Policy("f-s", "embedders and output layers, static activations (max)", lambda blocks: list(EMBEDDERS),
+           static="max"),
+]
 CONTROLS = ["fp32 (noise floor)", "e5m2 W8A8 (bad control)", "int4 weights (bad control)"]
 
 
-def quantize_policy(model: nn.Module, policy: Policy, blocks: int) -> nn.Module:
-    """``model`` with ``policy`` applied, in place, as a user would: ``quantize_`` with its config, then
-    ``fast_accum`` set on every FP8 layer where the policy asks for it."""
+def quantize_policy(model: nn.Module, policy: Policy, blocks: int, calibration: Any = None) -> nn.Module:
+    """``model`` with ``policy`` applied, in place, as a user would: ``quantize_`` with its config (a
+    static policy's ``calibration``, a ``Calibration`` of its statistic, included), then ``fast_accum``
+    set on every FP8 layer where the policy asks for it."""
     from omni_fp8 import Fp8Linear, quantize_
 
-    model = quantize_(model, policy.config(blocks))
+    config = policy.config(blocks)
+    if policy.static:
+        config["calibration"] = calibration
+    model = quantize_(model, config)
     if policy.fast_accum:
         for layer in model.modules():
             if isinstance(layer, Fp8Linear):
@@ -481,7 +502,7 @@ def controls(reference: nn.Module) -> dict[str, tuple[Callable[[], nn.Module], t
 
 def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.device, samples: int = 256,
              sample_steps: int = 20, record_samples: int = 16, results: Results | None = None,
-             deadline: Deadline | None = None, with_suggest: bool = True,
+             deadline: Deadline | None = None, with_suggest: bool = True, with_static: bool = False,
              only: Sequence[str] | None = None) -> dict[str, Any]:
     """Every policy and control on ``reference`` (a BF16 lab DiT on ``device``), scored against its
     own BF16 samples; the per-block error growth; ``suggest``'s pick. Each part is caught and
@@ -548,6 +569,7 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
                 m["config"] = policy.config(blocks)
                 m["per_channel"] = policy.per_channel
                 m["fast_accum"] = policy.fast_accum
+                m["statistic"] = policy.static
                 if real is not None:
                     m["real"] = real.stats(policy)
                 m["depth"] = per_block(reference, model, traces)
@@ -561,13 +583,34 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
             policies[name] = {"error": f"{type(e).__name__}: {e}"}
             results.fail(name, e)
 
-    def make_policy(policy: Policy) -> Callable[[], nn.Module]:
-        return lambda: quantize_policy(copy.deepcopy(reference), policy, blocks)
+    calibrations: dict[str, Any] = {}
 
-    order = [p for p in POLICIES if only is None or p.key in only]
+    def calibration_for(statistic: str) -> Any:
+        """Calibrated once per statistic, on seeds and classes the gate never scores."""
+        from omni_fp8 import calibrate
+
+        if "calls" not in calibrations:
+            calibrations["calls"] = gate.calibration_calls(reference, tokens, sample_steps, device)
+            data["calibration"] = {"seeds": [min(gate.CALIBRATION_SEEDS), max(gate.CALIBRATION_SEEDS)],
+                                   "classes": list(gate.CALIBRATION_CLASSES), "calls": len(calibrations["calls"])}
+        if statistic not in calibrations:
+            calibrations[statistic] = calibrate(reference, calibrations["calls"], statistic=statistic, progress=False)
+        return calibrations[statistic]
+
+    def make_policy(policy: Policy) -> Callable[[], nn.Module]:
+        return lambda: quantize_policy(copy.deepcopy(reference), policy, blocks,
+                                       calibration_for(policy.static) if policy.static else None)
+
+    order = [p for p in POLICIES]
+    if with_static or only:
+        order += STATIC_POLICIES
+    if only:
+        order = [p for p in order if p.key in only]
     first = {"a", "d", "f"}  # what decides the preset, first in case the run is cut short
     for policy in sorted(order, key=lambda p: p.key not in first):
         score(f"{policy.key}: {policy.name}", make_policy(policy), torch.bfloat16, policy)
+    if only:
+        return data
 
     if with_suggest and not deadline.passed():
         try:
@@ -675,8 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="images of the recorded sampling run that suggest and the per-block study replay")
     parser.add_argument("--deadline", type=float, help="seconds from start after which evaluation parts are skipped")
     parser.add_argument("--no-suggest", action="store_true")
-    parser.add_argument("--policies", type=lambda v: [k.strip() for k in v.split(",") if k.strip()],
-                        help=f"comma-separated policy keys to score ({', '.join(p.key for p in POLICIES)}; default all)")
+    parser.add_argument("--static", action="store_true", help="add the static-activation policies")
+    parser.add_argument("--policies", help="comma-separated policy keys: score only these (no controls, no suggest)")
     parser.add_argument("--device", default="auto")
     a = parser.parse_args(argv)
     start = time.perf_counter()
@@ -698,10 +741,13 @@ def main(argv: Sequence[str] | None = None) -> int:
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "argv": sys.argv}
     previous = {}
     if a.what == "evaluate" and (a.out / "deep.json").is_file():
-        previous = {k: v for k, v in json.loads((a.out / "deep.json").read_text()).items() if k == "train"}
-    unknown = sorted(set(a.policies or ()) - {p.key for p in POLICIES})
+        # --policies adds rows to an earlier evaluation's; otherwise it starts afresh from the training.
+        previous = {k: v for k, v in json.loads((a.out / "deep.json").read_text()).items()
+                    if k == "train" or (a.policies and k in ("policies", "bf16", "calibration"))}
+    unknown = sorted(set(a.policies.split(",") if a.policies else ()) - {p.key for p in (*POLICIES, *STATIC_POLICIES)})
     if unknown:
-        parser.error(f"unknown policy key(s) {', '.join(unknown)}; use {', '.join(p.key for p in POLICIES)}")
+        parser.error(f"unknown policy key(s) {', '.join(unknown)}; use "
+                     f"{', '.join(p.key for p in (*POLICIES, *STATIC_POLICIES))}")
     results = Results(a.out, {"environment": env, **previous})
     log(f"{a.what}: torch {env['torch']}, diffusers {env['diffusers']}, {env['gpu'] or device}")
     if a.what in ("all", "train"):
@@ -728,7 +774,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         evaluate(model, tokens, device=device, samples=a.samples, sample_steps=a.sample_steps,
                  record_samples=a.record_samples, results=results, deadline=Deadline(a.deadline, start),
-                 with_suggest=not a.no_suggest, only=a.policies)
+                 with_suggest=not a.no_suggest, with_static=a.static,
+                 only=a.policies.split(",") if a.policies else None)
     except Exception as e:  # noqa: BLE001 - what was measured before stays in deep.json
         results.fail("evaluate", e)
         return 1

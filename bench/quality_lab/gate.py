@@ -12,6 +12,12 @@ set between the measured controls (bench/RESULTS.md has the measurements).
 
     python bench/quality_lab/gate.py                  # every control and policy, a table
     python bench/quality_lab/gate.py --samples 256 --steps 20 --json out.json
+    python bench/quality_lab/gate.py --static         # static activation scales: calibrated on other
+                                                      # seeds and classes, per policy and statistic
+
+Static rows calibrate on a set the gate never scores: seeds ``CALIBRATION_SEEDS`` drawing only
+the even classes, every sampling step recorded (``record_inputs``), then ``calibrate`` with each
+statistic; the images are scored on the usual evaluation set (other seeds, every class).
 """
 
 from __future__ import annotations
@@ -45,6 +51,41 @@ POLICIES = {
         "preset": "none", "ignored_layers": ["img_in", "txt_in", "time_text_embed", "norm_out", "proj_out"]},
     "qwen-image preset (img_mlp, embedders, output layers)": {"preset": "qwen-image"},
 }
+
+
+# Static calibration: seeds and classes apart from the evaluation set's (seeds 1000.., every class).
+CALIBRATION_SEEDS = range(5000, 5032)
+CALIBRATION_CLASSES = (0, 2, 4, 6, 8)
+STATISTICS = ("max", "p99.99", "p99.9")
+
+
+def calibration_calls(reference: nn.Module, text: lab.ClassTokens, steps: int,
+                      device: torch.device | str = "cpu") -> list[dict]:
+    """The reference model's inputs at every step of sampling the calibration set."""
+    from omni_fp8 import record_inputs
+
+    seeds = list(CALIBRATION_SEEDS)
+    labels = torch.tensor([CALIBRATION_CLASSES[i % len(CALIBRATION_CLASSES)] for i in range(len(seeds))])
+    with torch.no_grad():
+        cond = text(labels)
+    with record_inputs(reference) as calls:
+        lab.sample(reference, cond.detach(), seeds, steps=steps, device=device)
+    return calls
+
+
+def static_variants(reference: nn.Module, text: lab.ClassTokens, steps: int, policies: dict[str, dict],
+                    statistics: tuple[str, ...] = STATISTICS) -> dict[str, tuple[nn.Module, torch.dtype]]:
+    """Every policy with static activation scales, per statistic, calibrated on the calibration set."""
+    from omni_fp8 import calibrate, quantize_
+
+    calls = calibration_calls(reference, text, steps)
+    out = {}
+    for statistic in statistics:
+        scales = calibrate(reference, calls, statistic=statistic, progress=False)
+        for name, config in policies.items():
+            static = {**config, "activation_scheme": "static", "calibration": scales}
+            out[f"static {statistic}: {name}"] = (quantize_(copy.deepcopy(reference), static), torch.bfloat16)
+    return out
 
 
 def load_dit(dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -120,7 +161,8 @@ def passes(metrics: dict[str, float | None]) -> bool:
             and metrics["fid"] <= THRESHOLDS["fid"])
 
 
-def run(samples: int, steps: int, with_policies: bool = True) -> dict[str, dict]:
+def run(samples: int, steps: int, with_policies: bool = True, with_static: bool = False,
+        policy_filter: str | None = None, statistics: tuple[str, ...] = STATISTICS) -> dict[str, dict]:
     torch.manual_seed(0)
     cnn = lab.load_cnn()
     text = lab.load_class_tokens()
@@ -143,8 +185,12 @@ def run(samples: int, steps: int, with_policies: bool = True) -> dict[str, dict]
         policies[f"omni-convert suggest --max-error 0.03 ({', '.join(report.ignored_layers)} in BF16)"] = {
             "preset": "none", "ignored_layers": report.ignored_layers}
         results["suggest report"] = report.to_dict()
+        if policy_filter:
+            policies = {k: v for k, v in policies.items() if policy_filter in k}
         for name, config in policies.items():
             todo[f"policy: {name}"] = (quantize_(copy.deepcopy(reference_model), config), torch.bfloat16)
+        if with_static:
+            todo.update(static_variants(reference_model, text, steps, policies, statistics))
     for name, (model, dtype) in todo.items():
         start = time.perf_counter()
         images = lab.sample(model, cond, seeds, steps=steps, dtype=dtype)
@@ -159,15 +205,16 @@ def run(samples: int, steps: int, with_policies: bool = True) -> dict[str, dict]
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = [f"{'variant':<62} {'PSNR':>6} {'SSIM':>6} {'percept':>8} {'FID':>7} {'KID':>8} {'weights':>9} {'gate':>5}"]
+    width = max(62, *(len(n) for n in results))
+    lines = [f"{'variant':<{width}} {'PSNR':>6} {'SSIM':>6} {'percept':>8} {'FID':>7} {'KID':>8} {'weights':>9} {'gate':>5}"]
     for name, m in results.items():
         if name == "suggest report":
             continue
         if "psnr" not in m:
-            lines.append(f"{name:<62} {'':>6} {'':>6} {'':>8} {'':>7} {'':>8} {m['weight_bytes'] / 1e6:>6.2f} MB {'':>5}")
+            lines.append(f"{name:<{width}} {'':>6} {'':>6} {'':>8} {'':>7} {'':>8} {m['weight_bytes'] / 1e6:>6.2f} MB {'':>5}")
             continue
         ssim = f"{m['ssim']:.4f}" if m["ssim"] is not None else "-"
-        lines.append(f"{name:<62} {m['psnr']:>6.2f} {ssim:>6} {m['perceptual']:>8.4f} {m['fid']:>7.3f} {m['kid']:>8.5f} "
+        lines.append(f"{name:<{width}} {m['psnr']:>6.2f} {ssim:>6} {m['perceptual']:>8.4f} {m['fid']:>7.3f} {m['kid']:>8.5f} "
                      f"{m['weight_bytes'] / 1e6:>6.2f} MB {'pass' if m['passes'] else 'FAIL':>5}")
     lines.append(f"gate: perceptual <= {THRESHOLDS['perceptual']}, PSNR >= {THRESHOLDS['psnr']} dB, FID <= {THRESHOLDS['fid']}")
     return "\n".join(lines)
@@ -178,9 +225,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-policies", action="store_true")
+    parser.add_argument("--static", action="store_true", help="Add static-activation rows for every policy.")
+    parser.add_argument("--policies", help="Only the policies whose name contains this text.")
+    parser.add_argument("--statistics", default=",".join(STATISTICS), help="Calibration statistics for --static.")
     parser.add_argument("--json", type=Path)
     a = parser.parse_args()
-    results = run(a.samples, a.steps, with_policies=not a.no_policies)
+    results = run(a.samples, a.steps, with_policies=not a.no_policies, with_static=a.static,
+                  policy_filter=a.policies, statistics=tuple(a.statistics.split(",")))
     print(table(results))
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))

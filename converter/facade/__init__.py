@@ -26,6 +26,7 @@ from omni_fp8.converter import (
 from omni_fp8.converter import errors
 from omni_fp8.converter.manifest import tool_version
 from omni_fp8.runtime import Fp8Linear, load_transformer, quantize_
+from omni_fp8.runtime.calibration import Calibration, calibrate
 from omni_fp8.runtime.pipeline import Omni, OmniDiffusionSamplingParams, OmniRequestOutput, OmniTimings
 from omni_fp8.runtime.registration import install as _install_integrations
 from omni_fp8.runtime.sensitivity import load_inputs, record_inputs, save_inputs, sensitivity, suggest
@@ -68,6 +69,8 @@ __all__ = [
     "record_inputs",
     "save_inputs",
     "load_inputs",
+    "calibrate",
+    "Calibration",
     "Fp8Linear",
     "convert",
     "ConversionResult",
