@@ -30,7 +30,14 @@ import torch
 from omni_fp8.converter.errors import ConfigError
 from omni_fp8.converter.numerics import FP8_DTYPE, dequantize_weight, quantize_activation, quantize_activation_static
 
-from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, fp8_weight_gemv, gemv_supports, quantize_activation_cuda
+from .triton_kernels import (
+    GEMV_MAX_ROWS,
+    HAVE_TRITON,
+    fp8_weight_gemv,
+    gemv_supports,
+    quantize_activation_cuda,
+    quantize_activation_static_cuda,
+)
 
 __all__ = ["fp8_linear", "eager_linear", "device_has_fp8", "gemm_for", "gemm_scale_layout", "FP8_MIN_CAPABILITY", "CUBLAS_BLOCK"]
 
@@ -155,7 +162,7 @@ def _static_mm(x2, input_scale, weight, scale, bias, block_size, mm, gemm_scale,
     layout, which gives the same products.
     """
     m = x2.shape[0]
-    xq = quantize_activation_static(x2, input_scale)
+    xq = _quantize_static(x2, input_scale)
     if block_size is None:
         if scale.dim() == 0:
             return torch._scaled_mm(xq, weight.t(), scale_a=input_scale, scale_b=scale,
@@ -214,7 +221,8 @@ def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv
     """``eager_linear``'s closure for a layer with a calibrated ``input_scale``: no amax
     reduction, and for per-tensor weights a per-tensor GEMM (a scalar scale on both sides)."""
     n, k = weight.shape
-    scaled_mm, bf16, quantize = torch._scaled_mm, torch.bfloat16, quantize_activation_static
+    scaled_mm, bf16 = torch._scaled_mm, torch.bfloat16
+    quantize = quantize_activation_static_cuda if HAVE_TRITON else quantize_activation_static
     per_tensor = scale.dim() == 0
     scale_b = scale if per_tensor else gemm_scale
 
@@ -233,6 +241,14 @@ def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv
         return y.view(*shape[:-1], n)
 
     return run
+
+
+def _quantize_static(x2: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """One Triton launch on a GPU outside torch.compile; the plain-torch numerics elsewhere (Inductor
+    fuses those into the producer)."""
+    if HAVE_TRITON and x2.is_cuda and not torch.compiler.is_compiling():
+        return quantize_activation_static_cuda(x2, input_scale)
+    return quantize_activation_static(x2, input_scale)
 
 
 def _small_m(x2, weight, scale, bias, block_size):
