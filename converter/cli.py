@@ -159,18 +159,21 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
     from .report import layout_json, layout_text, plan_json, plan_text, source_label
 
     folder = Path(path)
-    plan_flags = (preset, ignored_layers, weight_block_size, weight_strategy, activation_scheme, dtype, target)
+    plan_flags = {"--preset": preset, "--ignored-layers": ignored_layers, "--weight-block-size": weight_block_size,
+                  "--weight-strategy": weight_strategy, "--activation-scheme": activation_scheme != "dynamic",
+                  "--calibration": calibration, "--static-ignored-layers": static_ignored_layers,
+                  "--dtype": dtype != "keep", "--target": target != DEFAULT_TARGET}
     if (folder / MANIFEST_NAME).is_file() and subfolder is None:
-        _show_converted(folder, str(folder), *plan_flags, as_json)
+        _show_converted(folder, str(folder), plan_flags, as_json)
         return
     source = open_source(path, subfolder=subfolder, revision=revision, token=token, allow_quantized=True,
                          config=model_config)
     if (source.root / MANIFEST_NAME).is_file() and source.origin.get("type") == "hub":
-        _show_converted(source.root, source_label(source.origin), *plan_flags, as_json)
+        _show_converted(source.root, source_label(source.origin), plan_flags, as_json)
         return
     layout = read_layout(source, model_structure(source.class_name, source.config).linears)
     if layout is not None:
-        _refuse_plan_flags(str(folder), "an FP8 checkpoint", *plan_flags)
+        _refuse_plan_flags(str(folder), "an FP8 checkpoint", plan_flags)
         if as_json:
             _emit_json(layout_json(source, layout))
         else:
@@ -186,29 +189,20 @@ def inspect(path: str, preset: str | None, ignored_layers: tuple[str, ...], weig
         click.echo(plan_text(plan))
 
 
-def _refuse_plan_flags(label: str, what: str, preset: str | None, ignored_layers: tuple[str, ...],
-                       weight_block_size: str | None, weight_strategy: str | None, activation_scheme: str, dtype: str,
-                       target: str) -> None:
-    """Options that shape a plan mean nothing for an FP8 checkpoint, shown as it was made."""
-    given = [flag for flag, value in (("--preset", preset), ("--ignored-layers", ignored_layers),
-                                      ("--weight-block-size", weight_block_size),
-                                      ("--weight-strategy", weight_strategy),
-                                      ("--activation-scheme", activation_scheme != "dynamic"),
-                                      ("--dtype", dtype != "keep"),
-                                      ("--target", target != DEFAULT_TARGET)) if value]
+def _refuse_plan_flags(label: str, what: str, flags: dict[str, Any]) -> None:
+    """Options that shape a plan mean nothing for an FP8 checkpoint, shown as it was made
+    (``flags``: each flag and whether, or with what, it was given)."""
+    given = [flag for flag, value in flags.items() if value]
     if given:
         raise ConfigError(
             f"{label}: is {what}, shown as it was made; {', '.join(given)} only shape the plan "
             "for a high-precision source. Drop them, or inspect the source instead.")
 
 
-def _show_converted(folder: Any, label: str, preset: str | None, ignored_layers: tuple[str, ...],
-                    weight_block_size: str | None, weight_strategy: str | None, activation_scheme: str, dtype: str,
-                    target: str, as_json: bool) -> None:
+def _show_converted(folder: Any, label: str, flags: dict[str, Any], as_json: bool) -> None:
     from .report import folder_json, folder_text
 
-    _refuse_plan_flags(label, "a converted folder", preset, ignored_layers, weight_block_size, weight_strategy,
-                       activation_scheme, dtype, target)
+    _refuse_plan_flags(label, "a converted folder", flags)
     manifest = read_manifest(folder)
     if as_json:
         _emit_json(folder_json(label, manifest))

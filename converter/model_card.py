@@ -48,6 +48,19 @@ def build_card(manifest: Mapping[str, Any], repo_id: str) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{_body(manifest, repo_id, base)}"))
 
 
+def _calibration_rows(options: Mapping[str, Any]) -> list[str]:
+    """Where static input scales came from: a reader can check them against their own calibration."""
+    calibration = options.get("calibration")
+    if options.get("activation_scheme") != "static" or not isinstance(calibration, Mapping):
+        return []
+    rows = [f"| calibration | `{calibration.get('statistic')}` of \\|input\\| over {calibration.get('calls')} transformer "
+            f"calls (file sha256 `{str(calibration.get('sha256'))[:16]}`) |"]
+    dynamic = options.get("static_ignored_layers") or []
+    if dynamic:
+        rows.append(f"| static_ignored_layers | {', '.join(f'`{p}`' for p in dynamic)} |")
+    return rows
+
+
 def _body(manifest: Mapping[str, Any], repo_id: str, base: str | None) -> str:
     source, totals, options = manifest["source"], manifest["totals"], manifest["options"]
     component = manifest["component"]
@@ -98,6 +111,7 @@ def _body(manifest: Mapping[str, Any], repo_id: str, base: str | None) -> str:
         f"| weight_block_size | {f'`{block[0]},{block[1]}`' if block else 'none'} |",
         f"| weight_strategy | `{options.get('weight_strategy') or ('block' if block else 'tensor')}` |",
         f"| activation_scheme | `{options['activation_scheme']}` |",
+        *_calibration_rows(options),
         f"| dtype of kept tensors | `{options.get('dtype', 'keep')}` |",
         "",
         "## Layers kept in high precision",

@@ -187,6 +187,25 @@ def test_static_ignored_layers_stay_dynamic_and_are_named_in_the_config(qwen_src
         load_transformer(tmp_path / "out", quantization_config={}, progress=False)
 
 
+def test_a_static_folder_tells_its_calibration_and_refuses_plan_flags(qwen_src, tmp_path):
+    from click.testing import CliRunner
+
+    from omni_fp8.converter.cli import main
+    from omni_fp8.converter.model_card import build_card
+
+    model = load_transformer(qwen_src, progress=False)
+    cal = calibrate(model, qwen_calls(model), progress=False)
+    cal.save(tmp_path / "scales.safetensors")
+    convert(qwen_src, tmp_path / "out", config=Fp8Config(activation_scheme="static", calibration=tmp_path /
+            "scales.safetensors", static_ignored_layers=["img_mlp"]), progress=False)
+    card = build_card(json.loads((tmp_path / "out" / "fp8_manifest.json").read_text()), "me/qwen-static")
+    assert "| activation_scheme | `static` |" in card and "`max` of \\|input\\| over 3 transformer calls" in card
+    assert "| static_ignored_layers | `img_mlp` |" in card
+    for flags in (["--calibration", str(tmp_path / "scales.safetensors")], ["--static-ignored-layers", "img_mlp"]):
+        result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out"), *flags])
+        assert result.exit_code == 1 and flags[0] in result.stderr and "a converted folder" in result.stderr
+
+
 def test_diffusers_from_pretrained_with_a_static_config_matches_load_transformer(qwen_src, tmp_path):
     pytest.importorskip("accelerate")
     from diffusers import QwenImageTransformer2DModel
