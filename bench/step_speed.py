@@ -287,6 +287,7 @@ def launch_costs(k: int = 3072, calls: int = 2000) -> dict:
     x1 = x[:1].clone()
     linear = nn.Linear(k, k).cuda().bfloat16()
     layer = Fp8Linear.from_linear(linear).cuda()
+    rows = Fp8Linear.from_linear(linear, per_channel=True).cuda()
     xq, xs = quantize_activation_cuda(x, 0)
     weight_t = layer.weight.t()
 
@@ -304,6 +305,8 @@ def launch_costs(k: int = 3072, calls: int = 2000) -> dict:
         "Fp8Linear._eager (no module call)": lambda: (kernels.forget_shared_activation(), layer._eager(x)),
         "fp8_linear, the general path": general,
         "Fp8Linear, 1 row (GEMV)": lambda: layer(x1),
+        "Fp8Linear per-channel": lambda: (kernels.forget_shared_activation(), rows(x)),
+        "Fp8Linear per-channel, 1 row (GEMV)": lambda: rows(x1),
         "nn.Linear, 1 row": lambda: linear(x1),
         "triton quantize": lambda: quantize_activation_cuda(x, 0),
         "triton quantize, Triton's own launch": lambda: _launch_through_triton(x),
