@@ -151,15 +151,7 @@ class Calibration:
             return CorruptCheckpointError(
                 f"{path}: not an omni-fp8 calibration file ({why}); make one with omni-convert calibrate.", path=path)
 
-        raw = header.metadata.get(CALIBRATION_FORMAT)
-        if raw is None:
-            raise damaged(f"no {CALIBRATION_FORMAT!r} metadata")
-        try:
-            meta = json.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise damaged("its metadata is not valid JSON") from e
-        if not isinstance(meta, dict):
-            raise damaged("its metadata is not a JSON object")
+        meta = header.json_metadata(CALIBRATION_FORMAT, damaged)
         if meta.get("format_version") != CALIBRATION_VERSION:
             raise CorruptCheckpointError(
                 f"{path}: calibration format_version {meta.get('format_version')!r} is not {CALIBRATION_VERSION}; "

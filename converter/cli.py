@@ -302,27 +302,15 @@ def suggest_command(src: str, inputs_path: str | None, max_error: float, ignored
     --activation-scheme static, each group is measured with static and with dynamic activations,
     ranked by what static adds, and the worst are suggested as --static-ignored-layers (dynamic).
     """
-    from pathlib import Path
 
     from omni_fp8.runtime import load_transformer
     from omni_fp8.runtime.sensitivity import load_inputs, suggest
 
-    from .errors import SourceNotFoundError, UnsupportedSourceError
 
     if max_error != max_error:  # NaN passes every range check
         raise ConfigError("--max-error nan is not a number; give a bound such as 0.065.")
-    source = open_source(src, subfolder=subfolder, revision=revision, token=token, allow_quantized=True)
-    if "quantization_config" in source.config:
-        raise UnsupportedSourceError(
-            f"{source.model_dir}: already quantized; suggest measures the high-precision checkpoint it came from.",
-            path=source.model_dir)
-    path = Path(inputs_path) if inputs_path else source.model_dir / _INPUTS_NAME
-    if not inputs_path and source.files.exists(path):
-        path = source.files.fetch(path)  # a Hub repo may ship recorded inputs beside the weights
-    if not path.is_file():
-        raise SourceNotFoundError(
-            f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
-            "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
+    source, path = _source_and_inputs(src, inputs_path, subfolder, revision, token,
+                                      "suggest measures the high-precision checkpoint it came from")
     config = Fp8Config(preset="none", ignored_layers=ignored_layers, weight_block_size=weight_block_size,
                        activation_scheme=activation_scheme, calibration=calibration,
                        static_ignored_layers=static_ignored_layers)
@@ -387,7 +375,7 @@ def calibrate_command(src: str, inputs_path: str | None, output: str, statistic:
     from omni_fp8.runtime.sensitivity import load_inputs
 
     from .calibration_file import DEFAULT_STATISTIC, Calibration, parse_statistic
-    from .errors import CorruptCheckpointError, OutputExistsError, SourceNotFoundError, UnsupportedSourceError
+    from .errors import CorruptCheckpointError, OutputExistsError, SourceNotFoundError
 
     statistic = parse_statistic(statistic or DEFAULT_STATISTIC)
     out = Path(output)
@@ -401,18 +389,8 @@ def calibrate_command(src: str, inputs_path: str | None, output: str, statistic:
                 f"{out}: exists; " + ("pass --force to replace this calibration file." if ours else
                                       "it is not a calibration file omni-fp8 wrote, so it is left as it is; choose "
                                       "another --output."), path=out)
-    source = open_source(src, subfolder=subfolder, revision=revision, token=token, allow_quantized=True)
-    if "quantization_config" in source.config:
-        raise UnsupportedSourceError(
-            f"{source.model_dir}: already quantized; calibrate the high-precision checkpoint it came from.",
-            path=source.model_dir)
-    path = Path(inputs_path) if inputs_path else source.model_dir / _INPUTS_NAME
-    if not inputs_path and source.files.exists(path):
-        path = source.files.fetch(path)
-    if not path.is_file():
-        raise SourceNotFoundError(
-            f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
-            "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
+    source, path = _source_and_inputs(src, inputs_path, subfolder, revision, token,
+                                      "calibrate the high-precision checkpoint it came from")
     calls = load_inputs(path)
     pinned = source.origin["commit"] if source.origin.get("type") == "hub" else revision
     model = load_transformer(src, subfolder=subfolder, revision=pinned, token=token, dtype=dtype, device=device,
@@ -502,6 +480,26 @@ def demo(out: str, force: bool, quiet: bool, as_json: bool) -> None:
     click.echo(f"Dequantized FP8 weights vs BF16: relative L2 error {info['weight_rel_l2_mean']:.4f} mean, "
                f"{info['weight_rel_l2_max']:.4f} worst")
     click.echo(f"Next: omni-convert inspect {info['output']}")
+
+def _source_and_inputs(src: str, inputs_path: str | None, subfolder: str | None, revision: str | None,
+                       token: str | None, instead: str) -> tuple[Any, Any]:
+    """A high-precision source and the recorded inputs to replay on it (``--inputs``, else the
+    source's own ``sample_inputs.safetensors``: a Hub repo may ship them beside the weights)."""
+    from pathlib import Path
+
+    from .errors import SourceNotFoundError, UnsupportedSourceError
+
+    source = open_source(src, subfolder=subfolder, revision=revision, token=token, allow_quantized=True)
+    if "quantization_config" in source.config:
+        raise UnsupportedSourceError(f"{source.model_dir}: already quantized; {instead}.", path=source.model_dir)
+    path = Path(inputs_path) if inputs_path else source.model_dir / _INPUTS_NAME
+    if not inputs_path and source.files.exists(path):
+        path = source.files.fetch(path)
+    if not path.is_file():
+        raise SourceNotFoundError(
+            f"{path}: no recorded inputs; record the transformer's inputs during a pipeline run with "
+            "omni_fp8.record_inputs and save_inputs, then pass --inputs FILE.", path=path)
+    return source, path
 
 
 if __name__ == "__main__":

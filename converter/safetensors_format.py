@@ -105,6 +105,20 @@ class SafetensorsHeader:
     def data_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def json_metadata(self, key: str, damaged: Callable[[str], Exception]) -> dict:
+        """The JSON object a tool stored under ``key`` in ``__metadata__`` (our calibration and
+        recorded-inputs files); ``damaged(why)`` is the one-line error for a file without it."""
+        raw = self.metadata.get(key)
+        if raw is None:
+            raise damaged(f"no {key!r} metadata")
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise damaged("its metadata is not valid JSON") from e
+        if not isinstance(value, dict):
+            raise damaged("its metadata is not a JSON object")
+        return value
+
 
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Read and validate a safetensors header; raise ``CorruptCheckpointError`` naming the problem."""

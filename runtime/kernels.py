@@ -14,7 +14,8 @@
 
 Per-tensor weights pair with per-token activation scales; block weights ``(bn, bk)`` with
 per-token, per-``bk``-column-group activation scales. A layer with a calibrated ``input_scale``
-(static activations) quantizes with that one scale instead (plain tensor ops, no reduction): a
+(static activations) quantizes with that one scale instead (no reduction; one Triton launch on a
+GPU, plain tensor ops under torch.compile and elsewhere): a
 per-tensor GEMM for per-tensor weights, the row-wise or block GEMM with the scale repeated for
 per-channel or block weights. With at most 16 rows (the modulation
 Linears) a Triton GEMV reads the FP8 weight with BF16 activations instead.

@@ -88,15 +88,7 @@ def load_inputs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             f"{path}: not a recorded-inputs file ({why}); record one with omni_fp8.record_inputs and save_inputs.",
             path=path)
 
-    raw = header.metadata.get(INPUTS_FORMAT)
-    if raw is None:
-        raise damaged(f"no {INPUTS_FORMAT!r} metadata")
-    try:
-        meta = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise damaged("its metadata is not valid JSON") from e
-    if not isinstance(meta, dict):
-        raise damaged("its metadata is not a JSON object")
+    meta = header.json_metadata(INPUTS_FORMAT, damaged)
     if meta.get("format_version") not in (1, INPUTS_VERSION):
         raise CorruptCheckpointError(f"{path}: recorded-inputs format_version {meta.get('format_version')!r} "
                                      f"is not 1 or {INPUTS_VERSION}; upgrade omni-fp8.", path=path)

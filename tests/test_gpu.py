@@ -23,6 +23,19 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def qwen_cuda_inputs(cfg) -> dict:
+    """One seeded Qwen-Image call on the GPU: 64 image tokens, 16 text tokens."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return {
+        "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
+        "encoder_hidden_states": torch.randn(1, 16, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
+        "encoder_hidden_states_mask": torch.ones(1, 16, dtype=torch.bool, device="cuda"),
+        "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
+        "img_shapes": [[(1, 8, 8)]],
+        "return_dict": False,
+    }
+
+
 @pytest.mark.parametrize("m,k", [(1, 3072), (7, 64), (4096, 3072), (333, 12288), (3, 5)])
 @pytest.mark.parametrize("amax", [1.0, 0.01, 1e-30])
 def test_triton_static_quantization_is_bit_exact(m, k, amax):
@@ -131,15 +144,7 @@ def test_compiled_model_has_no_graph_breaks(qwen_src, block):
     model = load_transformer(qwen_src, quantization="fp8", quantization_config={"preset": "none", "weight_block_size": block},
                              device="cuda", progress=False)
     cfg = model.config
-    g = torch.Generator(device="cuda").manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
-        "encoder_hidden_states": torch.randn(1, 16, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
-        "encoder_hidden_states_mask": torch.ones(1, 16, dtype=torch.bool, device="cuda"),
-        "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
-        "img_shapes": [[(1, 8, 8)]],
-        "return_dict": False,
-    }
+    inputs = qwen_cuda_inputs(cfg)
     with torch.no_grad():
         eager = model(**inputs)[0]
         torch._dynamo.reset()
@@ -273,15 +278,7 @@ def test_static_model_compiles_without_graph_breaks_and_matches_eager(qwen_src):
 
     model = load_transformer(qwen_src, device="cuda", dtype=torch.bfloat16, progress=False)
     cfg = model.config
-    g = torch.Generator(device="cuda").manual_seed(0)
-    inputs = {
-        "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
-        "encoder_hidden_states": torch.randn(1, 16, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
-        "encoder_hidden_states_mask": torch.ones(1, 16, dtype=torch.bool, device="cuda"),
-        "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
-        "img_shapes": [[(1, 8, 8)]],
-        "return_dict": False,
-    }
+    inputs = qwen_cuda_inputs(cfg)
     scales = calibrate(model, [inputs], progress=False)
     model = load_transformer(qwen_src, quantization="fp8", device="cuda", progress=False, quantization_config={
         "preset": "none", "activation_scheme": "static", "calibration": scales})
