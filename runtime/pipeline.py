@@ -148,6 +148,9 @@ class Omni:
         cache_config: The backend's options, e.g. ``{"rel_l1_thresh": 0.2}`` for ``tea_cache``.
         cuda_graphs: Replay each transformer block as a CUDA graph (``enable_cuda_graphs``): eager
             numerics without the per-kernel host time, so the GPU, not Python, sets the pace.
+        fuse_blocks: Qwen-Image / Z-Image attention with one QKV projection per stream and, for
+            Qwen-Image on a GPU, one-kernel AdaLN modulation (``fuse_blocks_``): fewer launches, so
+            faster eager steps (1.13x -> 1.17x over BF16 on an H200); compiled steps are unchanged.
         compile: Regional compilation of the transformer blocks (``compile_repeated_blocks``,
             ``fullgraph=True``); with a cache, the blocks' own computation is compiled and the
             cache's decisions run around it.
@@ -176,6 +179,7 @@ class Omni:
         cache_config: Mapping[str, Any] | None = None,
         compile: bool = False,
         cuda_graphs: bool = False,
+        fuse_blocks: bool = False,
         enable_cpu_offload: bool | str = False,
         group_offload: bool | Mapping[str, Any] | None = None,
         parallel: Mapping[str, Any] | None = None,
@@ -206,6 +210,11 @@ class Omni:
         if cuda_graphs and (compile or offload or group is not None or self._parallel):
             raise ConfigError("cuda_graphs replays the blocks where they are: it does not combine with compile (use "
                               "one or the other), offloading (the weights move) or parallel.")
+        if not isinstance(fuse_blocks, bool):
+            raise ConfigError(f"fuse_blocks must be True or False, got {fuse_blocks!r}.")
+        if fuse_blocks and self._parallel:
+            raise ConfigError("fuse_blocks does not combine with parallel: context parallelism's plan is written for "
+                              "diffusers' own attention layers; choose one.")
         if self._parallel and compile:
             raise ConfigError("compile does not combine with parallel in diffusers 0.42.1 (its own CLI skips "
                               "compilation under context parallelism); choose one.")
@@ -255,6 +264,11 @@ class Omni:
             raise UnsupportedSourceError(f"{source.root}: {type(pipe).__name__} is not a text-to-image pipeline with a "
                                          "transformer; Omni runs those.", path=source.root)
         transformer = pipe.transformer
+        if fuse_blocks:  # first: compilation, graphs, caches and offloading then see the fused layers
+            from .fused_blocks import fuse_blocks_
+
+            fuse_blocks_(transformer)
+        self._fuse_blocks = fuse_blocks
         if compile and cache_backend is not None:
             _compile_block_forwards(transformer)  # before any hook: the hooks then wrap compiled blocks
         if backend is not None:
@@ -334,6 +348,7 @@ class Omni:
             "cache": self._cache.to_dict() if self._cache is not None else None,
             "compile": self._compile,
             "cuda_graphs": self._cuda_graphs,
+            "fuse_blocks": self._fuse_blocks,
             "offload": self._offload,
             "parallel": {**self._parallel, "rank": self._rank} if self._parallel else None,
             "attention_backend": self._attention_backend,

@@ -90,6 +90,18 @@ def test_a_converted_folder_gives_the_images_of_load_time_quantization(arch, pip
         Omni(tmp_path / "fp8", quantization_config={"ignored_layers": ["to_q"]}, progress=False)
 
 
+@pytest.mark.parametrize("arch,cache", [("qwen-image", None), ("qwen-image", "tea_cache"), ("z-image", None)])
+def test_fused_blocks_give_the_same_images(arch, cache, pipeline_folder):
+    """Eager on the CPU the fused blocks run the same operations on the same values (bit-identical,
+    tests/test_fused_blocks.py): the images are too, with a cache deciding around them."""
+    options = {"quantization": "fp8", "dtype": "fp32", "cache_backend": cache, "progress": False}
+    plain = Omni(pipeline_folder(arch), **options)
+    fused = Omni(pipeline_folder(arch), fuse_blocks=True, **options)
+    assert fused.info()["fuse_blocks"] is True and plain.info()["fuse_blocks"] is False
+    assert any(hasattr(m, "to_qkv") for m in fused.pipeline.transformer.modules())
+    assert np.array_equal(pixels(fused.generate(PROMPT, params(arch))[0]), pixels(plain.generate(PROMPT, params(arch))[0]))
+
+
 def test_prompt_lists_and_several_images_per_prompt(zimage_pipeline):
     omni = Omni(zimage_pipeline, quantization="fp8", dtype="fp32", progress=False)
     prompts = ["a cat", "a dog"]
@@ -178,6 +190,8 @@ def test_mag_cache_defaults_are_qwen_images_calibrated_ratios(qwen_pipeline):
     ({"cuda_graphs": True, "compile": True}, ConfigError, "does not combine with compile"),
     ({"cuda_graphs": True, "enable_cpu_offload": True}, ConfigError, "offloading"),
     ({"cuda_graphs": True, "device": "cpu"}, ConfigError, "cuda_graphs needs a CUDA device"),
+    ({"fuse_blocks": 1}, ConfigError, "fuse_blocks must be True or False"),
+    ({"fuse_blocks": True, "parallel": {"ulysses_degree": 2}}, ConfigError, "fuse_blocks does not combine with parallel"),
 ])
 def test_bad_options_are_refused_by_name(qwen_pipeline, kwargs, error, fragment):
     with pytest.raises(error) as info:
@@ -427,11 +441,12 @@ def test_cli_writes_a_png_and_prints_timings(qwen_pipeline, tmp_path):
 def test_cli_json_several_prompts(zimage_pipeline, tmp_path):
     result = cli("text-to-image", "--model", zimage_pipeline, "--prompt", "a cat", "--prompt", "a dog",
                  "--num-images-per-prompt", 2, "--num-inference-steps", 3, "--height", 32, "--width", 32,
-                 "--guidance-scale", 0, "--dtype", "fp32", "--output", tmp_path / "img.webp", "--json")
+                 "--guidance-scale", 0, "--dtype", "fp32", "--output", tmp_path / "img.webp", "--fuse-blocks", "--json")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""  # --json: no progress bars
     data = json.loads(result.stdout)
     assert data["pipeline"] == "ZImagePipeline" and data["quantization"] is None and data["dtype"] == "float32"
+    assert data["fuse_blocks"] is True
     assert [o["paths"] for o in data["outputs"]] == [[str(tmp_path / "img-0.webp"), str(tmp_path / "img-1.webp")],
                                                      [str(tmp_path / "img-2.webp"), str(tmp_path / "img-3.webp")]]
     assert data["timings"]["steps"] == 3 and isinstance(data["seed"], int)
