@@ -24,7 +24,8 @@ from .errors import ConfigError
 
 __all__ = [
     "Fp8Config", "QuantMethod", "split_patterns", "parse_block_size", "parse_size", "parse_dtype", "parse_path",
-    "parse_target", "refuse_unknown_keys", "WEIGHT_STRATEGIES", "DEFAULT_MAX_ERROR", "TARGETS", "DEFAULT_TARGET", "SINGLE_FILE_TARGETS",
+    "parse_target", "refuse_unknown_keys", "WEIGHT_STRATEGIES", "DEFAULT_MAX_ERROR", "TARGETS", "DEFAULT_TARGET",
+    "SINGLE_FILE_TARGETS",
 ]
 
 # ``suggest``'s default bound on the mean relative output error: between the lab DiT's error with
