@@ -58,6 +58,7 @@ def calibrate(
 
     statistic = parse_statistic(statistic)
     fraction = None if statistic == "max" else float(statistic[1:]) / 100
+    _refuse_rewired(model)
     linears = _linears(model)
     running: dict[str, torch.Tensor] = {}
 
@@ -103,6 +104,23 @@ def calibrate(
         calls=len(calls),
         inputs_sha256=inputs_sha256,
     )
+
+
+def _refuse_rewired(model: nn.Module) -> None:
+    """Fused projections carry other names than the checkpoint's Linears (a calibration of them fits
+    no plan), and CUDA-graph replays run no module forward (the hooks would see nothing)."""
+    from omni_fp8.converter.errors import ConfigError
+
+    from .cuda_graphs import HOOK_NAME
+
+    if any(hasattr(m, "omni_fused_parts") for m in model.modules()):
+        raise ConfigError("calibrate: the model's blocks are fused (fuse_blocks_); call unfuse_blocks_ first, "
+                          "calibrate, then fuse again.")
+    for m in model.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None and HOOK_NAME in getattr(registry, "hooks", {}):
+            raise ConfigError("calibrate: the model's blocks replay as CUDA graphs, which run no Linear's forward; "
+                              "call disable_cuda_graphs first, calibrate, then enable them again.")
 
 
 def inputs_sha256(path: str | os.PathLike[str]) -> str:

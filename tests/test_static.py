@@ -14,6 +14,7 @@ from test_runtime import assert_same_model, qwen_inputs, rel_l2, run_qwen, run_z
 
 from omni_fp8 import Calibration, Fp8Config, Fp8Linear, calibrate, convert, load_inputs, load_transformer, quantize_, verify
 from omni_fp8.converter.cli import main
+from omni_fp8.converter.demo import tiny_qwen_image
 from omni_fp8.converter.errors import (
     CalibrationError,
     ConfigError,
@@ -323,3 +324,16 @@ def test_record_inputs_from_a_real_pipeline_then_calibrate(arch, request, tmp_pa
     again = load_inputs(tmp_path / "inputs.safetensors")
     scales = calibrate(pipe.transformer, again, progress=False)
     assert scales.calls == len(calls) and all(v > 0 for v in scales.amax.values())
+
+
+def test_calibrate_refuses_a_fused_model_in_one_line():
+    from omni_fp8 import fuse_blocks_, unfuse_blocks_
+
+    model = tiny_qwen_image()
+    calls = qwen_calls(model)
+    fuse_blocks_(model)
+    with pytest.raises(ConfigError, match="unfuse_blocks_ first") as info:
+        calibrate(model, calls, progress=False)
+    assert "\n" not in str(info.value)
+    unfuse_blocks_(model)
+    assert calibrate(model, calls, progress=False).calls == len(calls)
