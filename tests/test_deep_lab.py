@@ -48,12 +48,19 @@ def test_every_part_ran(run):
 def test_per_block_errors(run):
     _, data = run
     for name, m in data["policies"].items():
-        if name in deep.CONTROLS:
+        if name in deep.CONTROLS or m.get("attention"):  # FP8 attention patches the reference's too
             assert "depth" not in m
             continue
         depth = m["depth"]
         assert len(depth["compound"]) == len(depth["local"]) == BLOCKS, name
         assert all(v >= 0 and math.isfinite(v) for v in depth["compound"] + depth["local"]), name
+
+
+def test_fp8_attention_policies_sample_through_the_emulation(run):
+    _, data = run
+    scored = {name.split(":")[0]: m for name, m in data["policies"].items() if m.get("attention")}
+    assert set(scored) == {"f+attn-tensor", "f+attn-head", "f+attn-sage"}
+    assert all(m["psnr"] > 20 and m["output_error"] > 0 for m in scored.values())
 
 
 def test_real_size_accounting(run):

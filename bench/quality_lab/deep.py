@@ -7,6 +7,8 @@ This lab model is the same family (diffusers ``QwenImageTransformer2DModel``, 4 
 minutes with fixed seeds. ``evaluate`` samples the lab's fixed evaluation set with every layer
 policy and scores it against this model's own BF16 samples with the lab's metrics and gate
 (``gate.THRESHOLDS``), and measures how the error of the hidden states grows block by block.
+Policies ``f+attn-*`` add FP8 attention, emulated as ``attention.py`` does (no per-block study for
+them: it runs the BF16 reference in the same process, which the emulation would patch too).
 
     python bench/quality_lab/deep.py all --out OUT/deeplab --train-seconds 210 --deadline 420   # H200
     python bench/quality_lab/deep.py train --out DIR --steps 3000
@@ -30,6 +32,7 @@ GEMMs) at 28 MB of BF16 weights; rather than committed, the model is reproduced 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -48,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quality_lab import gate, lab  # noqa: E402
+from quality_lab import attention, gate, lab  # noqa: E402
 
 # The input embedders, the timestep embedder and the output layers (the ``f`` policy).
 EMBEDDERS = ["img_in", "txt_in", "time_text_embed", "norm_out", "proj_out"]
@@ -79,6 +82,7 @@ class Policy:
     block_size: tuple[int, int] | None = None
     per_channel: bool = False
     fast_accum: bool = False  # Fp8Linear.fast_accum: cuBLASLt's faster, less exact accumulation (GPU only)
+    attention: str | None = None  # FP8 attention emulated (attention.py's modes: tensor, head, sage)
     static: str | None = None  # the calibration statistic, for static activations
 
     def config(self, blocks: int) -> dict[str, Any]:
@@ -136,6 +140,8 @@ POLICIES = [
     Policy("f+fast", "embedders and output layers, fast accumulation", lambda blocks: list(EMBEDDERS), fast_accum=True),
     Policy("f+b+fast", "embedders and output layers, per-channel scales, fast accumulation",
            lambda blocks: list(EMBEDDERS), per_channel=True, fast_accum=True),
+    *(Policy(f"f+attn-{mode}", f"embedders and output layers, FP8 attention ({mode} scales, emulated)",
+             lambda blocks: list(EMBEDDERS), attention=mode) for mode in ("tensor", "head", "sage")),
 ]
 # Static activation scales (``--static``), calibrated on gate.calibration_calls.
 STATIC_POLICIES = [
@@ -558,11 +564,14 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
         try:
             begin = time.perf_counter()
             model = make()
-            images = lab.sample(model, cond, seeds, steps=sample_steps, dtype=dtype, device=device)
+            mode = policy.attention if policy is not None else None
+            with attention.fp8_attention(mode) if mode else contextlib.nullcontext():
+                images = lab.sample(model, cond, seeds, steps=sample_steps, dtype=dtype, device=device)
+                error = relative_error(outputs(model, calls), ref_out) if dtype == torch.bfloat16 else None
             m = gate.score(images, ref_images, cnn)
             m["passes"] = gate.passes(m)
             m["class_accuracy"] = lab.class_accuracy(cnn, images, labels)
-            m["output_error"] = relative_error(outputs(model, calls), ref_out) if dtype == torch.bfloat16 else None
+            m["output_error"] = error
             m["weight_bytes"] = weight_bytes(model)
             m.update(fp8_layers(model))
             if policy is not None:
@@ -570,9 +579,11 @@ def evaluate(reference: nn.Module, tokens: lab.ClassTokens, *, device: torch.dev
                 m["per_channel"] = policy.per_channel
                 m["fast_accum"] = policy.fast_accum
                 m["statistic"] = policy.static
+                m["attention"] = policy.attention
                 if real is not None:
                     m["real"] = real.stats(policy)
-                m["depth"] = per_block(reference, model, traces)
+                if not policy.attention:  # the block study runs the reference too: it would be patched alike
+                    m["depth"] = per_block(reference, model, traces)
             m["seconds"] = time.perf_counter() - begin
             policies[name] = m
             log(f"{name}: PSNR {m['psnr']:.2f} dB, perceptual {m['perceptual']:.4f}, FID {m['fid']:.3f}, "
