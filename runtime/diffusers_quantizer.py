@@ -32,7 +32,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from torch import nn
 
 from omni_fp8.converter.errors import ConfigError, ModelMismatchError
-from omni_fp8.converter.layouts import read_layout
+from omni_fp8.converter.layouts import Layout, read_layout
 from omni_fp8.converter.numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, check_fp8_codes, check_scale
 from omni_fp8.converter.options import Fp8Config
 from omni_fp8.converter.plan import KEPT, linear_shapes, make_plan
@@ -220,18 +220,10 @@ class Fp8Quantizer(DiffusersQuantizer):
         for module in model.modules():
             if isinstance(module, Fp8Linear):
                 module._place(rescale=True)
-        from omni_fp8.converter.plan import checkpoint_quantization_config
-
         if self.pre_quantized and self._folder_config is not None:
             serialized = dict(self._folder_config)
-        else:
-            kept = [name for name, scheme in self._schemes.items() if scheme == KEPT]
-            per_row = "channel" if "fp8_channel" in self._schemes.values() else None
-            dynamic = [name for name, scheme in self._schemes.items() if scheme != KEPT and name not in self._static]
-            scheme = self.quantization_config.activation_scheme
-            serialized = checkpoint_quantization_config(
-                Fp8Config(weight_block_size=self._block, weight_strategy=per_row, activation_scheme=scheme), kept,
-                dynamic if scheme == "static" else ())
+        else:  # what the layers now hold, written as a checkpoint of them would say it
+            serialized = Layout("fp8", self._schemes, self._block, static=set(self._static)).checkpoint_config()
         mark_fp8(model, quantization_config=serialized, provenance=self._provenance, compute_dtype=self._torch_dtype,
                  quantizer=self)
         return model

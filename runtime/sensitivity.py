@@ -214,34 +214,23 @@ class SensitivityReport:
         return out
 
     def table(self, top: int = 20) -> str:
-        if self.static:
-            return self._static_table(top)
-        lines = [f"{self.class_name}: {self.calls} recorded calls; every eligible Linear in FP8: "
-                 f"relative L2 error {self.all_fp8_error:.4f}", "",
-                 f"  {'group (quantized alone)':<44} {'Linears':>7} {'error':>8} {'weights':>10}"]
+        static = self.static
+        lines = [f"{self.class_name}: {self.calls} recorded calls; every eligible Linear in FP8"
+                 f"{' with static activations' if static else ''}: relative L2 error {self.all_fp8_error:.4f}", "",
+                 f"  {'group (quantized alone)':<44} {'Linears':>7} " +
+                 (f"{'static':>8} {'dynamic':>8} {'static adds':>11}" if static else f"{'error':>8} {'weights':>10}")]
         for g in self.groups[:top]:
-            lines.append(f"  {g.group:<44} {len(g.linears):>7} {g.error:>8.4f} {g.bytes / 1e6:>7.2f} MB")
+            rest = (f"{g.dynamic_error:>8.4f} {g.static_cost:>+11.4f}" if static else f"{g.bytes / 1e6:>7.2f} MB")
+            lines.append(f"  {g.group:<44} {len(g.linears):>7} {g.error:>8.4f} {rest}")
         if len(self.groups) > top:
             lines.append(f"  ... {len(self.groups) - top} more groups")
-        if self.ignored_layers is not None:
-            kept = ", ".join(self.ignored_layers) or "(none)"
-            lines += ["", f"Suggested ignored_layers: {kept}",
-                      f"  error with them in high precision: {self.suggested_error:.4f} (bound {self.max_error})"]
-        return "\n".join(lines)
-
-    def _static_table(self, top: int) -> str:
-        lines = [f"{self.class_name}: {self.calls} recorded calls; every eligible Linear in FP8 with static "
-                 f"activations: relative L2 error {self.all_fp8_error:.4f}", "",
-                 f"  {'group (quantized alone)':<44} {'Linears':>7} {'static':>8} {'dynamic':>8} {'static adds':>11}"]
-        for g in self.groups[:top]:
-            lines.append(f"  {g.group:<44} {len(g.linears):>7} {g.error:>8.4f} {g.dynamic_error:>8.4f} "
-                         f"{g.static_cost:>+11.4f}")
-        if len(self.groups) > top:
-            lines.append(f"  ... {len(self.groups) - top} more groups")
-        if self.static_ignored_layers is not None:
-            kept = ", ".join(self.static_ignored_layers) or "(none)"
-            lines += ["", f"Suggested static_ignored_layers (kept dynamic): {kept}",
-                      f"  error with them dynamic: {self.suggested_error:.4f} (bound {self.max_error})"]
+        suggested = self.static_ignored_layers if static else self.ignored_layers
+        if suggested is not None:
+            kept = ", ".join(suggested) or "(none)"
+            lines += ["", (f"Suggested static_ignored_layers (kept dynamic): {kept}" if static
+                           else f"Suggested ignored_layers: {kept}"),
+                      f"  error with them {'dynamic' if static else 'in high precision'}: {self.suggested_error:.4f} "
+                      f"(bound {self.max_error})"]
         return "\n".join(lines)
 
 

@@ -46,6 +46,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def count_calls(monkeypatch, module, name: str) -> dict[str, int]:
+    """Wrap ``module.name`` so every call is counted in the returned ``{"n": ...}``, then still made."""
+    calls = {"n": 0}
+    real = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a diffusers folder, through the safetensors library (not our reader)."""
     out = {}

@@ -23,13 +23,14 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def qwen_cuda_inputs(cfg) -> dict:
-    """One seeded Qwen-Image call on the GPU: 64 image tokens, 16 text tokens."""
-    g = torch.Generator(device="cuda").manual_seed(0)
+def qwen_cuda_inputs(cfg, text_tokens: int = 16, seed: int = 0) -> dict:
+    """One seeded Qwen-Image call on the GPU: 64 image tokens, ``text_tokens`` text tokens."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
     return {
         "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
-        "encoder_hidden_states": torch.randn(1, 16, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
-        "encoder_hidden_states_mask": torch.ones(1, 16, dtype=torch.bool, device="cuda"),
+        "encoder_hidden_states": torch.randn(1, text_tokens, cfg.joint_attention_dim, device="cuda",
+                                             generator=g).bfloat16(),
+        "encoder_hidden_states_mask": torch.ones(1, text_tokens, dtype=torch.bool, device="cuda"),
         "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
         "img_shapes": [[(1, 8, 8)]],
         "return_dict": False,

@@ -130,3 +130,17 @@ def test_cuda_graphs_refuse_what_they_cannot_serve(qwen_src):
         for _ in range(3):
             model(**_qwen_inputs(model, 0))
     assert all(not b._diffusers_hook.hooks["omni_fp8_cuda_graph"].graphs for b in model.transformer_blocks)
+
+
+def test_calibrate_refuses_blocks_replayed_as_cuda_graphs(qwen_src):
+    """A replayed graph runs no Linear's forward, so calibration would observe nothing."""
+    from omni_fp8 import calibrate
+    from omni_fp8.converter.errors import ConfigError
+
+    model = load_transformer(qwen_src, device="cuda", dtype=torch.bfloat16, progress=False)
+    calls = [_qwen_inputs(model, 0)]
+    enable_cuda_graphs(model)
+    with pytest.raises(ConfigError, match="disable_cuda_graphs first"):
+        calibrate(model, calls, progress=False)
+    disable_cuda_graphs(model)
+    assert calibrate(model, calls, progress=False).calls == 1

@@ -12,23 +12,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import count_calls
+from test_gpu import needs_fp8, pytestmark, qwen_cuda_inputs, rel_l2  # noqa: F401 - the GPU marks, helpers
 from torch import nn
 
 from omni_fp8 import Fp8Config, Fp8Linear, enable_cuda_graphs, fuse_blocks_, quantize_, unfuse_blocks_
 from omni_fp8.converter.demo import tiny_qwen_image, tiny_z_image
 from omni_fp8.runtime import kernels
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
-needs_fp8 = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernels.device_has_fp8("cuda")), reason="needs a GPU with FP8 GEMMs"
-)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def build(name: str, fp8: bool) -> nn.Module:
@@ -39,18 +29,11 @@ def build(name: str, fp8: bool) -> nn.Module:
 
 
 def inputs(name: str, model: nn.Module, seed: int = 0) -> tuple[tuple, dict]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
     cfg = model.config
     if name == "qwen-image":
-        return (), {
-            "hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
-            # 32 text tokens: more than the 16 rows that take the FP8-weight GEMV instead of quantize + GEMM
-            "encoder_hidden_states": torch.randn(1, 32, cfg.joint_attention_dim, device="cuda", generator=g).bfloat16(),
-            "encoder_hidden_states_mask": torch.ones(1, 32, dtype=torch.bool, device="cuda"),
-            "timestep": torch.full((1,), 0.5, device="cuda").bfloat16(),
-            "img_shapes": [[(1, 8, 8)]],
-            "return_dict": False,
-        }
+        # 32 text tokens: more than the 16 rows that take the FP8-weight GEMV instead of quantize + GEMM
+        return (), qwen_cuda_inputs(cfg, text_tokens=32, seed=seed)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     latents = [torch.randn(cfg.in_channels, 1, 16, 16, device="cuda", generator=g).bfloat16()]
     caps = [torch.randn(12, cfg.cap_feat_dim, device="cuda", generator=g).bfloat16()]
     return (latents, torch.full((1,), 0.5, device="cuda").bfloat16(), caps), {"return_dict": False}
@@ -156,14 +139,7 @@ def test_fused_modulation_hands_its_quantization_to_the_projections(monkeypatch)
     both MLP inputs) find them quantized: four quantization launches fewer per block."""
     model = build("qwen-image", True)
     args_, kwargs = inputs("qwen-image", model)
-    calls = {"n": 0}
-    real = kernels._quantize_for_gemm
-
-    def counting(*a, **kw):
-        calls["n"] += 1
-        return real(*a, **kw)
-
-    monkeypatch.setattr(kernels, "_quantize_for_gemm", counting)
+    calls = count_calls(monkeypatch, kernels, "_quantize_for_gemm")
     unfused = run(model, args_, kwargs)
     before = calls["n"]
     fuse_blocks_(model)

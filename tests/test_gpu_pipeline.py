@@ -19,6 +19,7 @@ import pytest
 import torch
 from omni_fp8 import Omni, OmniDiffusionSamplingParams
 from omni_fp8.runtime import kernels
+from conftest import count_calls
 from test_pipeline import PROMPT
 from test_pipeline import params as pipeline_params
 
@@ -43,15 +44,7 @@ def image(out) -> np.ndarray:
 @pytest.fixture
 def emulated(monkeypatch):
     """How many FP8 Linear calls fell back to the emulation (must stay 0 on an FP8 GPU)."""
-    calls = {"n": 0}
-    real = kernels._emulated
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "_emulated", counting)
-    return calls
+    return count_calls(monkeypatch, kernels, "_emulated")
 
 
 @needs_fp8

@@ -128,3 +128,21 @@ def test_inputs_from_a_newer_format_are_refused(tmp_path):
               metadata={"omni-fp8-inputs": json.dumps({"format_version": 99, "other": [{}]})})
     with pytest.raises(CorruptCheckpointError, match="recorded-inputs format_version 99 is not 1 or 2; upgrade omni-fp8"):
         load_inputs(tmp_path / "in.safetensors")
+
+
+def test_lists_of_tensors_round_trip_and_damaged_lists_are_named(tmp_path):
+    """ZImagePipeline passes lists of tensors (latents, prompt embeddings): saved item by item."""
+    from safetensors.torch import save_file
+
+    calls = [{"x": [torch.ones(2, 3), torch.zeros(4)], "t": torch.tensor([0.5]), "cap": (torch.ones(1),)}]
+    save_inputs(tmp_path / "in.safetensors", calls)
+    (back,) = load_inputs(tmp_path / "in.safetensors")
+    assert isinstance(back["x"], list) and isinstance(back["cap"], tuple)
+    assert torch.equal(back["x"][0], calls[0]["x"][0]) and torch.equal(back["x"][1], calls[0]["x"][1])
+    meta = {"omni-fp8-inputs": json.dumps({"format_version": 2, "other": [{"x": {"__tensors__": 2, "tuple": False}}]})}
+    save_file({"00000.x[0]": torch.ones(1)}, tmp_path / "short.safetensors", metadata=meta)
+    with pytest.raises(CorruptCheckpointError, match="call 0's x lacks some of its 2 tensors"):
+        load_inputs(tmp_path / "short.safetensors")
+    save_file({"00000.x[5]": torch.ones(1)}, tmp_path / "stray.safetensors", metadata=meta)
+    with pytest.raises(CorruptCheckpointError, match=r"'00000.x\[5\]' is not an item of a recorded list"):
+        load_inputs(tmp_path / "stray.safetensors")

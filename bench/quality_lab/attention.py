@@ -26,14 +26,13 @@ import contextlib
 import copy
 import json
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quality_lab import gate, lab  # noqa: E402
+from quality_lab import gate  # noqa: E402
 
 MODES = ("tensor", "head", "sage")
 FP8_MAX = 448.0
@@ -103,14 +102,8 @@ def fp8_attention(mode: str) -> Iterator[None]:
 def run(samples: int, steps: int, modes: tuple[str, ...] = MODES) -> dict[str, dict]:
     from omni_fp8 import quantize_
 
-    torch.manual_seed(0)
-    cnn = lab.load_cnn()
-    text = lab.load_class_tokens()
-    seeds, labels = lab.seeds_and_labels(samples)
-    with torch.no_grad():
-        cond = text(labels)
-    reference_model = gate.load_dit()
-    reference = lab.sample(reference_model, cond, seeds, steps=steps)
+    evaluation = gate.EvaluationSet(samples, steps)
+    reference_model = evaluation.model
     w8a8 = quantize_(copy.deepcopy(reference_model), {"preset": "none"})
     results: dict[str, dict] = {}
     todo = [("W8A8 Linears, BF16 attention", w8a8, None)]
@@ -118,14 +111,8 @@ def run(samples: int, steps: int, modes: tuple[str, ...] = MODES) -> dict[str, d
         todo += [(f"FP8 attention ({mode}), BF16 Linears", reference_model, mode),
                  (f"FP8 attention ({mode}) + W8A8 Linears", w8a8, mode)]
     for name, model, mode in todo:
-        start = time.perf_counter()
         with fp8_attention(mode) if mode else contextlib.nullcontext():
-            images = lab.sample(model, cond, seeds, steps=steps)
-        metrics = gate.score(images, reference, cnn)
-        metrics["passes"] = gate.passes(metrics)
-        metrics["seconds"] = time.perf_counter() - start
-        metrics["weight_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        results[name] = metrics
+            metrics = results[name] = evaluation.measure(model)
         print(f"{name}: PSNR {metrics['psnr']:.2f} dB, perceptual {metrics['perceptual']:.4f}, FID "
               f"{metrics['fid']:.3f} -> {'pass' if metrics['passes'] else 'FAIL'} ({metrics['seconds']:.0f} s)",
               flush=True)

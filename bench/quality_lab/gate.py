@@ -161,18 +161,38 @@ def passes(metrics: dict[str, float | None]) -> bool:
             and metrics["fid"] <= THRESHOLDS["fid"])
 
 
+class EvaluationSet:
+    """The fixed seed/class pairs, the BF16 lab model and its images: what every variant is scored on."""
+
+    def __init__(self, samples: int, steps: int) -> None:
+        torch.manual_seed(0)
+        self.steps = steps
+        self.cnn = lab.load_cnn()
+        self.text = lab.load_class_tokens()
+        self.seeds, labels = lab.seeds_and_labels(samples)
+        with torch.no_grad():
+            self.cond = self.text(labels)
+        self.model = load_dit()
+        start = time.perf_counter()
+        self.images = lab.sample(self.model, self.cond, self.seeds, steps=steps)
+        self.seconds = time.perf_counter() - start
+
+    def measure(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict:
+        """``model``'s samples of the set, scored against the BF16 images, with the gate's verdict."""
+        start = time.perf_counter()
+        images = lab.sample(model, self.cond, self.seeds, steps=self.steps, dtype=dtype)
+        metrics = score(images, self.images, self.cnn)
+        metrics["passes"] = passes(metrics)
+        metrics["seconds"] = time.perf_counter() - start
+        metrics["weight_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return metrics
+
+
 def run(samples: int, steps: int, with_policies: bool = True, with_static: bool = False,
         policy_filter: str | None = None, statistics: tuple[str, ...] = STATISTICS) -> dict[str, dict]:
-    torch.manual_seed(0)
-    cnn = lab.load_cnn()
-    text = lab.load_class_tokens()
-    seeds, labels = lab.seeds_and_labels(samples)
-    with torch.no_grad():
-        cond = text(labels)
-    reference_model = load_dit()
-    start = time.perf_counter()
-    reference = lab.sample(reference_model, cond, seeds, steps=steps)
-    results = {"bf16 (reference)": {"seconds": time.perf_counter() - start}}
+    evaluation = EvaluationSet(samples, steps)
+    reference_model, text = evaluation.model, evaluation.text
+    results = {"bf16 (reference)": {"seconds": evaluation.seconds}}
     todo = variants(reference_model)
     if with_policies:
         from omni_fp8 import load_inputs, quantize_, suggest
@@ -192,13 +212,7 @@ def run(samples: int, steps: int, with_policies: bool = True, with_static: bool 
         if with_static:
             todo.update(static_variants(reference_model, text, steps, policies, statistics))
     for name, (model, dtype) in todo.items():
-        start = time.perf_counter()
-        images = lab.sample(model, cond, seeds, steps=steps, dtype=dtype)
-        metrics = score(images, reference, cnn)
-        metrics["passes"] = passes(metrics)
-        metrics["seconds"] = time.perf_counter() - start
-        metrics["weight_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        results[name] = metrics
+        results[name] = evaluation.measure(model, dtype)
     results["bf16 (reference)"]["weight_bytes"] = sum(
         t.numel() * t.element_size() for t in reference_model.state_dict().values())
     return results
