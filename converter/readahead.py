@@ -1,31 +1,42 @@
 """Reading a checkpoint ahead of its consumer, so the disk works while the CPU quantizes.
 
-The reader maps one tensor at a time (``read_tensor``). With the file in the page cache that
-costs nothing; with the file on disk, each mapping waits for its pages, fetched by the kernel's
-fault-time readahead in small requests, one tensor at a time, while nothing else happens. On the
-2-core VM the converter was measured on, pages the disk has just filled also cost the first
-thread that touches them a stall per page, which the quantizer then paid inside its arithmetic
-(twice the CPU time of a warm run).
+The consumer reads one tensor at a time (``Source.open_reader``). With the file in the page
+cache, mapping its pages costs nothing. With the file on disk, each mapping waits for its pages,
+fetched by the kernel's fault-time readahead in small requests, while nothing else happens; and on
+the 2-core VM the converter was measured on, filling the page cache itself is the bottleneck:
+reading 5.5 GB cold through it cost 17 CPU seconds of kernel time (0.31 GB/s), against 0.2 s and
+1.56 GB/s for the same bytes read with ``O_DIRECT`` into reused buffers (bench/RESULTS.md).
 
 ``Readahead`` is a thread that walks the byte ranges a job will read, in the order it reads them,
-and keeps the next ``budget`` bytes on their way: it asks the kernel for each 8 MiB chunk
-(``posix_fadvise(WILLNEED)``: large requests, many in flight) and, a few chunks behind, touches one
-byte of each page through a mapping of its own, so the consumer finds the pages resident and
-already touched. It never asks for a byte more than ``budget`` past what the consumer has taken
-(``reached``), and it holds no tensor data: what it reads sits in the page cache, which the kernel
-may reclaim, and its own mapping is one chunk, unmapped before the next.
+at most ``budget`` bytes ahead of the consumer (``reached``). For each tensor it asks the kernel
+which of its pages are in the page cache (``mincore``):
 
-It only ever hints. A file it cannot open or map is left alone, and the consumer's own read
-reports what is wrong exactly as it would have without it (a truncated or damaged shard gives the
-same one-line error). Anything else going wrong in the thread is a bug, raised in the consumer at
-its next ``reached``. ``close`` stops the thread and waits for it.
+* **Mostly on disk** (and the filesystem takes ``O_DIRECT``): it reads the tensor's bytes with
+  ``O_DIRECT`` into a buffer of its own, past the page cache, and hands that buffer to the
+  consumer (``take``). Buffers come back when the last tensor viewing them is freed and are reused,
+  so the kernel neither fills a page cache nor zeroes fresh memory for every tensor. The bytes the
+  thread holds ahead of the consumer stay within ``budget``; free buffers kept for reuse too.
+* **Resident** (or a filesystem without ``O_DIRECT``, such as tmpfs): it asks the kernel for each
+  8 MiB chunk (``posix_fadvise(WILLNEED)``) and, a few chunks behind, touches one byte of each
+  page through a mapping of its own, so the consumer's mapping finds the pages resident and
+  touched. The consumer maps these tensors itself (``take`` returns ``None``).
+
+It never changes a result. A range it cannot read (a file it cannot open, a short or failed
+read) is left to the consumer's own read, which reports what is wrong exactly as it would have
+without the thread (a truncated or damaged shard gives the same one-line error). Anything else
+going wrong in the thread is a bug, raised in the consumer at its next ``reached``. ``close``
+stops the thread and waits for it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
+import sys
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,11 +47,21 @@ from .safetensors_format import TensorInfo
 
 __all__ = ["Readahead", "DEFAULT_BUDGET"]
 
-DEFAULT_BUDGET = 512 << 20  # page cache filled ahead of the consumer at most; 0 turns reading ahead off
+DEFAULT_BUDGET = 512 << 20  # bytes read ahead of the consumer at most; 0 turns reading ahead off
+_DIRECT_AHEAD = 128 << 20  # of those, bytes held in the thread's own buffers (process memory, unlike page cache)
+_DIRECT_KEEP = 256 << 20  # free buffers kept for reuse, at most
 _CHUNK = 8 << 20  # one request to the kernel, one mapping to touch
+_DIRECT_REQUEST = 32 << 20  # one O_DIRECT read; the thread checks for ``close`` between them
 _IN_FLIGHT = 64 << 20  # asked for, not yet touched: what the disk has queued while the thread waits
+_DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache: one O_DIRECT request each would cost more
+_RESIDENT_ENOUGH = 0.8  # a tensor this much in the page cache is mapped, not read again from the disk
 _PAGE = mmap.PAGESIZE
+_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the device's block size
 _ADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: touching alone still overlaps
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every range goes through the page cache
+
+_Key = tuple[Path, int, int]  # (file, begin, end): one tensor's bytes
+_UNDECIDED = object()  # take(): the thread has not looked at this range yet
 
 
 class Readahead:
@@ -48,7 +69,8 @@ class Readahead:
 
     ``locate`` gives the path to open for a tensor's file, or ``None`` when it cannot be opened
     yet (a Hub shard still downloading, which arrives through the page cache anyway). Ranges
-    that appear twice (a fused group's parts are read twice) are read ahead once.
+    that appear more than once (a fused group's parts are read twice) are read ahead once, and a
+    buffer read for them is handed out on each of their reads.
     """
 
     def __init__(
@@ -60,20 +82,30 @@ class Readahead:
     ) -> None:
         self.budget = budget
         self._locate = locate
-        self._ranges: list[tuple[Path, int, int]] = []
-        self._end_of: dict[tuple[Path, int, int], int] = {}  # a range -> where it ends, in order bytes
+        self._ranges: list[_Key] = []
+        self._end_of: dict[_Key, int] = {}  # a range -> where it ends, in order bytes
+        self._reads: dict[_Key, int] = {}  # a range -> how many times the consumer will read it
         position = 0
         for info in order:
             key = (info.file, info.begin, info.end)
-            if info.nbytes and key not in self._end_of:
+            if not info.nbytes:
+                continue
+            self._reads[key] = self._reads.get(key, 0) + 1
+            if key not in self._end_of:
                 position += info.nbytes
                 self._ranges.append(key)
                 self._end_of[key] = position
         self._cond = threading.Condition()
         self._taken = 0  # order bytes the consumer has taken over
         self._stop = False
+        self._done = False  # the thread has finished (or stopped): nothing more will be decided
         self._failure: BaseException | None = None
+        self._decided: dict[_Key, torch.Tensor | None] = {}  # a read range's bytes; None: the consumer maps it
+        self._held = 0  # bytes of the thread's buffers read ahead and not yet taken by the consumer
+        self._buffers = _Buffers(keep=_DIRECT_KEEP)
+        self._direct_ahead = min(budget, _DIRECT_AHEAD)
         self.peak_ahead = 0  # the most bytes ever asked for past the consumer: at most ``budget``
+        self.direct_bytes = 0  # bytes read past the page cache
         self._thread = threading.Thread(target=self._run, name="omni-fp8-readahead", daemon=True)
         self._thread.start()
 
@@ -86,19 +118,45 @@ class Readahead:
             with self._cond:
                 if end > self._taken:
                     self._taken = end
-                    self._cond.notify()
+                    self._cond.notify_all()
+
+    def take(self, info: TensorInfo) -> torch.Tensor | None:
+        """``info``'s bytes (uint8) if the thread read them past the page cache, else ``None``: map them.
+
+        Waits while the thread has yet to decide about ``info`` (it reads in order, and ``reached``
+        has just let it go as far as ``info``); a range it never reaches (a stopped thread, an
+        unknown range) is the consumer's to map.
+        """
+        key = (info.file, info.begin, info.end)
+        if key not in self._reads:
+            return None
+        with self._cond:
+            while (got := self._decided.get(key, _UNDECIDED)) is _UNDECIDED and not self._done:
+                self._cond.wait()
+            if got is _UNDECIDED or got is None:
+                return None
+            self._reads[key] -= 1
+            if self._reads[key] <= 0:  # its last read: the consumer holds the only reference
+                self._decided[key] = None
+                self._held -= got.numel()
+                self._cond.notify_all()
+            return got[info.begin % _ALIGN:][: info.nbytes]
 
     def close(self) -> None:
-        """Stop reading ahead and wait for the thread (at most one chunk's I/O); safe to repeat."""
+        """Stop reading ahead and wait for the thread (at most one request's I/O); safe to repeat."""
         with self._cond:
             self._stop = True
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join()
+        with self._cond:
+            self._decided.clear()  # buffers nobody took go back (the consumer keeps what it took)
+            self._held = 0
+        self._buffers.clear()
 
     # --- the thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        files: dict[Path, int | None] = {}
+        files: dict[Path, tuple[int, int] | None] = {}  # path -> (fd, O_DIRECT fd or -1)
         try:
             self._walk(files)
         except OSError:
@@ -106,45 +164,117 @@ class Readahead:
         except BaseException as e:  # noqa: BLE001 - a bug: raised in the consumer by reached()
             self._failure = e
         finally:
-            for fd in files.values():
-                if fd is not None:
-                    os.close(fd)
+            for fds in files.values():
+                for fd in fds or ():
+                    if fd >= 0:
+                        os.close(fd)
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
 
-    def _walk(self, files: dict[Path, int | None]) -> None:
+    def _open(self, files: dict[Path, tuple[int, int] | None], path: Path) -> tuple[int, int] | None:
+        if path not in files:
+            located = self._locate(path)
+            if located is None:
+                files[path] = None
+            else:
+                fd = os.open(located, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                files[path] = (fd, _open_direct(located))
+        return files[path]
+
+    def _walk(self, files: dict[Path, tuple[int, int] | None]) -> None:
         asked: deque[tuple[int, int, int, int]] = deque()  # (fd, begin, end, its end in order bytes)
         position = 0  # where the current range starts, in order bytes
-        for path, begin, end in self._ranges:
-            if path not in files:
-                located = self._locate(path)
-                files[path] = None if located is None else os.open(located, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            fd = files[path]
-            if fd is None:  # cannot be opened yet
-                position += end - begin
-                continue
-            for lo in range(begin, end, _CHUNK):
-                hi = min(lo + _CHUNK, end)
-                ahead = position + hi - begin
-                while True:  # over the budget: touch what is on its way, else wait for the consumer
-                    with self._cond:
-                        if self._stop:
-                            return
-                        if ahead <= self._taken + self.budget:
-                            break
-                        if not asked:
-                            self._cond.wait()
-                            continue
-                    self._touch(*asked.popleft())
-                if ahead <= self._taken:
-                    continue  # the consumer got here first
-                if _ADVISE is not None:
-                    _ADVISE(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)  # queues the read and returns
-                self.peak_ahead = max(self.peak_ahead, ahead - self._taken)
-                asked.append((fd, lo, hi, ahead))
-                if len(asked) * _CHUNK > _IN_FLIGHT:
-                    self._touch(*asked.popleft())
+        for key in self._ranges:
+            path, begin, end = key
+            fds = self._open(files, path)
+            direct = fds is not None and fds[1] >= 0 and end - begin >= _DIRECT_MIN
+            if direct and _resident_fraction(fds[0], begin, end) < _RESIDENT_ENOUGH:
+                if not self._read_direct(key, fds[1], asked):
+                    return
+            else:
+                self._decide(key, None)
+                if fds is not None and not self._advise(fds[0], begin, end, position, asked):
+                    return
             position += end - begin
         while asked and not self._stop:
             self._touch(*asked.popleft())
+
+    def _decide(self, key: _Key, data: torch.Tensor | None) -> None:
+        with self._cond:
+            self._decided[key] = data
+            if data is not None:
+                self._held += data.numel()
+            self._cond.notify_all()
+
+    def _wait_for_room(self, ahead: int, asked: deque[tuple[int, int, int, int]], *, holding: int = 0) -> bool:
+        """Wait until reading up to ``ahead`` (into ``holding`` bytes of buffer) is within the budget,
+        touching what is on its way meanwhile; False on close.
+
+        A range the consumer has reached goes at once: it is waiting for it (or past it).
+        """
+        while True:
+            with self._cond:
+                if self._stop:
+                    return False
+                if ahead <= self._taken:
+                    return True
+                if ahead <= self._taken + self.budget and (
+                        not holding or not self._held or self._held + holding <= self._direct_ahead):
+                    return True
+                if not asked:
+                    self._cond.wait()
+                    continue
+            self._touch(*asked.popleft())
+
+    def _read_direct(self, key: _Key, fd: int, asked: deque[tuple[int, int, int, int]]) -> bool:
+        """Read one range with ``O_DIRECT`` into a buffer for ``take``; False when closed."""
+        _, begin, end = key
+        ahead = self._end_of[key]
+        start = begin - begin % _ALIGN
+        length = -(-(end - start) // _ALIGN) * _ALIGN
+        if not self._wait_for_room(ahead, asked, holding=length):
+            return False
+        if ahead < self._taken:  # the consumer is past it and mapped it itself
+            self._decide(key, None)
+            return True
+        self.peak_ahead = max(self.peak_ahead, ahead - self._taken)
+        buffer, address = self._buffers.lend(length)
+        got = 0
+        try:
+            while got < end - start:
+                if self._stop:
+                    return False
+                n = min(_DIRECT_REQUEST, length - got)
+                read = os.preadv(fd, [(ctypes.c_char * n).from_address(address + got)], start + got)
+                if read <= 0:
+                    break  # the file is shorter than its header says: the consumer will say so
+                got += read
+        except OSError:
+            got = 0  # an I/O error: the consumer's own read reports it
+        if got < end - start:
+            self._decide(key, None)
+        else:
+            self.direct_bytes += end - begin
+            self._decide(key, buffer)
+        return True
+
+    def _advise(self, fd: int, begin: int, end: int, position: int, asked: deque[tuple[int, int, int, int]]) -> bool:
+        """Ask for one range through the page cache, chunk by chunk; False when closed."""
+        for lo in range(begin, end, _CHUNK):
+            hi = min(lo + _CHUNK, end)
+            ahead = position + hi - begin
+            if not self._wait_for_room(ahead, asked):
+                return False
+            if ahead <= self._taken:
+                continue  # the consumer got here first
+            if _ADVISE is not None:
+                _ADVISE(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)  # queues the read and returns
+            self.peak_ahead = max(self.peak_ahead, ahead - self._taken)
+            asked.append((fd, lo, hi, ahead))
+            if len(asked) * _CHUNK > _IN_FLIGHT:
+                self._touch(*asked.popleft())
+        return True
 
     def _touch(self, fd: int, begin: int, end: int, ahead: int) -> None:
         """Load one byte of every page of ``[begin, end)``: waits for their I/O and pays the first touch."""
@@ -164,3 +294,112 @@ class Readahead:
             del pages
         finally:
             region.close()
+
+
+class _Buffers:
+    """Page-aligned buffers for ``O_DIRECT`` reads, reused once every tensor viewing one is freed.
+
+    A fresh 75 MB buffer per tensor costs the kernel a zeroed page per 4 KiB (measured: 2 s of
+    system time for 5.5 GB, and 1.0 instead of 1.56 GB/s). A lent buffer is a ctypes array over
+    pool memory: torch's tensor keeps it alive through its storage, whatever views are taken of it,
+    and its finaliser returns the memory here when the last one goes (in whichever thread). At
+    most ``keep`` bytes of free buffers are kept; sizes are rounded up to eighths of a power of
+    two, so a buffer serves tensors within 12.5% of its size.
+    """
+
+    def __init__(self, *, keep: int) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._free_bytes = 0
+        self._closed = False
+        self.allocated = 0  # buffers made, not reused
+
+    def lend(self, length: int) -> tuple[torch.Tensor, int]:
+        """A uint8 tensor of ``length`` bytes at an aligned address, and that address."""
+        size = _size_class(length)
+        with self._lock:
+            pool = self._free.get(size)
+            memory = pool.pop() if pool else None
+            if memory is not None:
+                self._free_bytes -= size
+        if memory is None:
+            memory = torch.empty(size + _ALIGN, dtype=torch.uint8)
+            self.allocated += 1
+        address = memory.data_ptr() + (-memory.data_ptr()) % _ALIGN
+        window = (ctypes.c_char * length).from_address(address)
+        weakref.finalize(window, self._give_back, memory, size)
+        return torch.frombuffer(window, dtype=torch.uint8), address
+
+    def _give_back(self, memory: torch.Tensor, size: int) -> None:
+        if sys.is_finalizing():
+            return
+        with self._lock:
+            if not self._closed and self._free_bytes + size <= self.keep:
+                self._free.setdefault(size, []).append(memory)
+                self._free_bytes += size
+
+    def clear(self) -> None:
+        """Free what is kept; buffers still lent are freed, not kept, when they come back."""
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self._free_bytes = 0
+
+
+def _size_class(length: int) -> int:
+    """``length`` rounded up to 8..15 times a power of two (at least one page)."""
+    length = max(length, _ALIGN)
+    step = 1 << max(length.bit_length() - 4, 0)
+    return -(-length // step) * step
+
+
+def _open_direct(path: Path) -> int:
+    """A second descriptor with ``O_DIRECT``, or -1 where the platform or filesystem has none."""
+    if not _O_DIRECT:
+        return -1
+    try:
+        return os.open(path, os.O_RDONLY | _O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # tmpfs and friends
+            return -1
+        raise
+
+
+def _resident_fraction(fd: int, begin: int, end: int) -> float:
+    """How much of ``[begin, end)`` of a file is in the page cache (``mincore``); 1.0 when unknown."""
+    if _LIBC is None:
+        return 1.0
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    length = end - start
+    address = _LIBC.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if address in (None, ctypes.c_void_p(-1).value):
+        return 1.0
+    try:
+        vector = ctypes.create_string_buffer(-(-length // _PAGE))
+        if _LIBC.mincore(ctypes.c_void_p(address), length, vector) != 0:
+            return 1.0
+    finally:
+        _LIBC.munmap(ctypes.c_void_p(address), length)
+    raw = vector.raw
+    first = (begin - start) // _PAGE
+    pages = raw[first:]
+    return 1.0 - pages.count(0) / max(len(pages), 1)
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()

@@ -232,9 +232,11 @@ class Source:
     def open_reader(self, order: Sequence[TensorInfo] | None = None) -> Iterator[_Reader]:
         """Yield a reader that returns one tensor at a time, keeping shard files open.
 
-        ``order`` is the order the job will read tensors in (default: file order). A thread reads
-        them ahead of the job, a bounded number of bytes at a time (``readahead.py``), so a
-        checkpoint that is not in the page cache streams off the disk while the job computes.
+        ``order`` is the order the job will read tensors in, a tensor read twice listed twice
+        (default: file order). A thread reads them ahead of the job, a bounded number of bytes at
+        a time (``readahead.py``), so a checkpoint that is not in the page cache streams off the
+        disk while the job computes. A tensor is a view of the file's mapping or of the buffer
+        the thread read it into; either lives as long as the tensor. Treat it as read-only.
         """
         budget = readahead.DEFAULT_BUDGET
         ahead = None
@@ -256,6 +258,9 @@ class _Reader:
     def read(self, info: TensorInfo) -> torch.Tensor:
         if self._ahead is not None:
             self._ahead.reached(info)
+            data = self._ahead.take(info)  # read past the page cache, when the file was on disk
+            if data is not None:
+                return data.view(info.torch_dtype).reshape(info.shape)
         f = self._files.get(info.file)
         if f is None:
             f = self._files[info.file] = open(self._fetch(info.file), "rb")

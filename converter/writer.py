@@ -32,7 +32,7 @@ import torch
 from .errors import SourceNotFoundError
 from .numerics import FP8_DTYPE, cast_checked, quantize_weight, shared_scale, weight_amax
 from .plan import KEPT, Plan, TensorPlan
-from .safetensors_format import ShardWriter
+from .safetensors_format import ShardWriter, TensorInfo
 from .source import INDEX_NAME
 
 __all__ = [
@@ -132,7 +132,7 @@ def write_shards(
     # for the CPU made the whole conversion slower (measured in bench/RESULTS.md).
     torch.set_num_threads(max(1, min(torch_threads, (os.cpu_count() or 2) - 1)))
     try:
-        with plan.source.open_reader() as reader:
+        with plan.source.open_reader(order=read_order(plan, [t for group in groups for t in group])) as reader:
             scales = SharedScales(plan, reader)
             for i, group in enumerate(groups, 1):
                 filename = shard_filename(i, len(groups))
@@ -201,7 +201,7 @@ class SharedScales:
             q, rows = quantize_weight(tensor, per_channel=True, name=t.name)
             self._rows[t.name] = rows
             return q
-        return quantize_weight(tensor, t.block_size, name=t.name, scale=self.scale_of(t))[0]
+        return quantize_weight(tensor, t.block_size, name=t.name, scale=self.scale_of(t, tensor))[0]
 
     def row_scales(self, t: TensorPlan) -> torch.Tensor:
         """One float32 scale per output row ``[N]``: a per-channel weight's own, else its scale repeated."""
@@ -212,25 +212,53 @@ class SharedScales:
             return self.scale_of(t).expand(t.source.shape[0]).contiguous()
         return rows.reshape(-1)
 
-    def scale_of(self, t: TensorPlan) -> torch.Tensor:
-        """A per-tensor FP8 weight's scale: its group's, else its own (the same formula, one part)."""
-        scale = self.for_tensor(t)
+    def scale_of(self, t: TensorPlan, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """A per-tensor FP8 weight's scale: its group's, else its own (the same formula, one part).
+
+        ``tensor`` is ``t``'s source when the caller holds it, so it is not read again.
+        """
+        scale = self.for_tensor(t, tensor)
         if scale is None:
             scale = self._scales.get(t.name)
         if scale is None:
-            scale = shared_scale([weight_amax(self._reader.read(t.source), name=t.name)])
+            source = self._reader.read(t.source) if tensor is None else tensor
+            scale = shared_scale([weight_amax(source, name=t.name)])
             self._scales[t.name] = scale
         return scale
 
-    def for_tensor(self, t: TensorPlan) -> torch.Tensor | None:
+    def for_tensor(self, t: TensorPlan, tensor: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``t``'s group scale, or ``None`` outside a group; the other parts are read in the order
+        ``read_order`` announces."""
         if t.scale_group is None:
             return None
         scale = self._scales.get(t.scale_group)
         if scale is None:
             parts = self._groups[t.scale_group]
-            scale = shared_scale([weight_amax(self._reader.read(p.source), name=p.name) for p in parts])
+            scale = shared_scale([
+                weight_amax(tensor if tensor is not None and p.name == t.name else self._reader.read(p.source),
+                            name=p.name)
+                for p in parts
+            ])
             self._scales[t.scale_group] = scale
         return scale
+
+
+def read_order(plan: Plan, parts: Sequence[TensorPlan]) -> list[TensorInfo]:
+    """The source tensors a writer reads, in order, for ``parts`` written in that order.
+
+    Each part is read in its turn; the first quantized part of a scale group also reads the
+    group's other parts for their shared scale (``SharedScales.for_tensor``), which are read
+    again in their turn. The reader holds what it read past the page cache until its last read.
+    """
+    order: list[TensorInfo] = []
+    seen: set[str] = set()
+    groups = plan.scale_groups
+    for t in parts:
+        order.append(t.source)
+        if t.scale_group is not None and t.scheme != KEPT and t.scale_group not in seen:
+            seen.add(t.scale_group)
+            order += [p.source for p in groups[t.scale_group] if p.name != t.name]
+    return order
 
 
 @dataclass(frozen=True)
@@ -269,7 +297,8 @@ def write_file(
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(torch_threads, (os.cpu_count() or 2) - 1)))
     try:
-        with plan.source.open_reader(order=[p.source for t in tensors for p in t.parts]) as reader:
+        order = read_order(plan, [p for t in tensors if t.role == "data" for p in t.parts])
+        with plan.source.open_reader(order=order) as reader:
             scales = SharedScales(plan, reader)
             for t in tensors:
                 writer.write(t.name, _file_tensor(t, reader, scales))
@@ -312,7 +341,7 @@ def _convert_tensor(
     out, give_back = pool.take(t.source.shape)
     try:
         q, scale = quantize_weight(tensor, t.block_size, per_channel=t.per_channel, name=t.name, out=out,
-                                   scale=scales.for_tensor(t))
+                                   scale=scales.for_tensor(t, tensor))
     except BaseException:
         give_back()
         raise

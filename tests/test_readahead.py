@@ -256,3 +256,193 @@ def test_a_file_that_cannot_be_opened_yet_is_skipped(qwen_src, small_steps):
     assert not ra._thread.is_alive()
     assert ra.peak_ahead == source.data_bytes  # everything but the first shard, counted from the start
     ra.close()
+
+
+# --- reading past the page cache (O_DIRECT) --------------------------------------------------------
+
+
+def direct_supported(folder: Path) -> bool:
+    probe = folder / ".direct-probe"
+    probe.write_bytes(b"\0" * PAGE)
+    try:
+        fd = readahead._open_direct(probe)
+        if fd >= 0:
+            os.close(fd)
+        return fd >= 0
+    finally:
+        probe.unlink()
+
+
+@pytest.fixture
+def force_direct(monkeypatch, tmp_path):
+    """Every tensor read with O_DIRECT as if it were on disk, in one-page requests."""
+    if not direct_supported(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    monkeypatch.setattr(readahead, "_resident_fraction", lambda fd, begin, end: 0.0)
+    monkeypatch.setattr(readahead, "_DIRECT_MIN", 1)
+    monkeypatch.setattr(readahead, "_DIRECT_REQUEST", PAGE)
+    made: list[readahead.Readahead] = []
+    real = readahead.Readahead
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(readahead, "Readahead", recording)
+    return made
+
+
+TARGETS = [("omni-fp8", "out"), ("vllm-omni", "out"), ("comfyui", "out.safetensors"), ("diffusers", "out.safetensors")]
+
+
+def converted(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_file():
+        return load_file(path)
+    return {k: v for p in sorted(path.rglob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+@pytest.mark.parametrize(("target", "name"), TARGETS)
+def test_conversion_read_past_the_page_cache_is_bit_identical(qwen_src, tmp_path, monkeypatch, force_direct,
+                                                              target, name):
+    convert(qwen_src, tmp_path / "direct" / name, target=target, progress=False)
+    assert force_direct and all(ra.direct_bytes > 0 for ra in force_direct)
+    monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 0)
+    convert(qwen_src, tmp_path / "mapped" / name, target=target, progress=False)
+    direct, mapped = converted(tmp_path / "direct" / name), converted(tmp_path / "mapped" / name)
+    assert direct.keys() == mapped.keys() and all(same_bits(direct[k], mapped[k]) for k in direct)
+    assert not readahead_threads()
+
+
+@pytest.mark.parametrize(("target", "name"), TARGETS)
+def test_the_writer_reads_exactly_what_it_announces(qwen_src, tmp_path, monkeypatch, target, name):
+    # The reader keeps what it read past the page cache until the last read it was told of; a read
+    # nobody announced would go to the disk again, through the page cache.
+    from omni_fp8.converter import source as source_module
+
+    announced: list[list[tuple]] = []
+    real = readahead.Readahead
+
+    def recording(order, **kwargs):
+        announced.append([(i.file, i.begin, i.end) for i in order if i.nbytes])
+        return real(order, **kwargs)
+
+    reads: list[tuple] = []
+    real_read = source_module._Reader.read
+
+    def read(self, info):
+        if info.nbytes:
+            reads.append((info.file, info.begin, info.end))
+        return real_read(self, info)
+
+    monkeypatch.setattr(readahead, "Readahead", recording)
+    monkeypatch.setattr(source_module._Reader, "read", read)
+    convert(qwen_src, tmp_path / name, target=target, progress=False)
+    assert len(announced) == 1
+    assert reads == announced[0]
+    if target == "vllm-omni":
+        assert len(reads) > len(set(reads))  # fused groups' parts are read twice, and announced so
+
+
+def test_a_cold_file_is_read_past_the_page_cache(tmp_path, monkeypatch):
+    if not direct_supported(tmp_path) or not hasattr(os, "posix_fadvise"):
+        pytest.skip("no O_DIRECT or posix_fadvise here")
+    path = tmp_path / "w.safetensors"
+    one_file_checkpoint(path, tensors=6, pages=64)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if readahead._resident_fraction(fd, 0, path.stat().st_size) > 0.5:
+            pytest.skip("the page cache kept the file")
+    finally:
+        os.close(fd)
+    monkeypatch.setattr(readahead, "_DIRECT_MIN", PAGE)
+    infos = list(read_header(path).tensors.values())
+    from omni_fp8.converter.source import _Reader, LocalFiles
+
+    ra = readahead.Readahead(infos)
+    reader = _Reader(LocalFiles(), ra)
+    try:
+        got = {info.name: reader.read(info) for info in infos}
+    finally:
+        reader.close()
+    assert ra.direct_bytes == sum(i.nbytes for i in infos)
+    expected = load_file(path)
+    assert all(same_bits(got[k], expected[k]) for k in expected)  # kept past close: they own their buffers
+
+
+def test_buffers_are_reused_and_a_kept_tensor_keeps_its_bytes(tmp_path, force_direct):
+    path = tmp_path / "w.safetensors"
+    one_file_checkpoint(path, tensors=12, pages=8)
+    infos = list(read_header(path).tensors.values())
+    expected = load_file(path)
+    ra = readahead.Readahead(infos, budget=2 * 8 * PAGE)
+    kept = {}
+    try:
+        for i, info in enumerate(infos):
+            ra.reached(info)
+            data = ra.take(info)
+            assert data is not None
+            tensor = data.view(info.torch_dtype).reshape(info.shape)
+            if i % 4 == 0:
+                kept[info.name] = tensor[1:]  # a view: its buffer must not be handed out again
+            del data, tensor
+    finally:
+        ra.close()
+    assert ra._buffers.allocated <= 3 + len(kept)  # not one per tensor
+    assert all(same_bits(kept[k], expected[k][1:]) for k in kept)
+
+
+def test_reads_out_of_order_and_an_early_close_neither_hang_nor_mix_up_bytes(tmp_path, force_direct):
+    path = tmp_path / "w.safetensors"
+    one_file_checkpoint(path, tensors=10, pages=4)
+    infos = list(read_header(path).tensors.values())
+    expected = load_file(path)
+    from omni_fp8.converter.source import _Reader, LocalFiles
+
+    reader = _Reader(LocalFiles(), readahead.Readahead(infos, budget=3 * 4 * PAGE))
+    try:
+        for i in (6, 0, 7, 7, 2):
+            assert same_bits(reader.read(infos[i]), expected[infos[i].name])
+    finally:
+        reader.close()
+    assert not readahead_threads()
+
+
+def test_a_failed_direct_read_falls_back_to_the_mapping(qwen_src, tmp_path, monkeypatch, force_direct):
+    def failing(*_):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(readahead.os, "preadv", failing)
+    convert(qwen_src, tmp_path / "out", progress=False)
+    assert force_direct[0].direct_bytes == 0
+    monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 0)
+    convert(qwen_src, tmp_path / "ref", progress=False)
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("damage", [nan_in_a_late_weight, "shrinks after planning"])
+def test_errors_read_the_same_past_the_page_cache(copy_of, qwen_src, tmp_path, monkeypatch, force_direct, damage):
+    src = copy_of(qwen_src)
+    errors = []
+    for budget in (0, readahead.DEFAULT_BUDGET):
+        monkeypatch.setattr(readahead, "DEFAULT_BUDGET", budget)
+        out = tmp_path / f"out-{budget}"
+        with pytest.raises(OmniFp8Error) as e:
+            if damage == "shrinks after planning":
+                plan = make_plan(open_source(src), Fp8Config())
+                shard = sorted(src.glob("*.safetensors"))[-1]
+                size = shard.stat().st_size
+                truncate_a_shard(src)
+                try:
+                    execute(plan, out, progress=False)
+                finally:
+                    os.truncate(shard, size)
+            else:
+                if budget == 0:
+                    damage(src)
+                convert(src, out, progress=False)
+        errors.append((type(e.value), str(e.value).replace(str(out), "OUT")))
+        assert not out.exists()
+    assert errors[0] == errors[1]
+    assert not readahead_threads()
