@@ -226,6 +226,15 @@ def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv
     quantize = quantize_activation_static_cuda if HAVE_TRITON else quantize_activation_static
     per_tensor = scale.dim() == 0
     scale_b = scale if per_tensor else gemm_scale
+    # Row-wise GEMMs take the activation scale once per row: made once per row count, not per call
+    # (a step's calls share a few row counts), and again whenever the scale is written in place.
+    rows: list = [-1, -1, None]  # row count, input_scale's version, the [M, 1] scale
+
+    def row_scales(m: int) -> torch.Tensor:
+        version = input_scale._version
+        if rows[0] != m or rows[1] != version:
+            rows[:] = [m, version, input_scale.reshape(1, 1).expand(m, 1).contiguous()]
+        return rows[2]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -237,7 +246,7 @@ def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv
             y = gemv(x2, weight, scale, bias, None)
         else:
             xq = quantize(x2, input_scale)
-            xs = input_scale if per_tensor else input_scale.reshape(1, 1).expand(x2.shape[0], 1).contiguous()
+            xs = input_scale if per_tensor else row_scales(x2.shape[0])
             y = scaled_mm(xq, weight_t, scale_a=xs, scale_b=scale_b, bias=bias, out_dtype=bf16, use_fast_accum=fast)
         return y.view(*shape[:-1], n)
 

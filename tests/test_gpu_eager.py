@@ -54,6 +54,26 @@ def test_eager_shortcut_equals_the_general_path(per_channel, m):
 
 
 @needs_fp8
+def test_static_per_channel_shortcut_follows_row_counts_and_a_new_scale():
+    """The row-wise activation scale is made once per row count: calls alternating between row
+    counts, and a calibrated scale written in place, give the general path's bits."""
+    from omni_fp8.converter.numerics import activation_scale
+
+    torch.manual_seed(0)
+    layer = Fp8Linear.from_linear(nn.Linear(512, 384).to(torch.bfloat16), per_channel=True,
+                                  input_scale=activation_scale(torch.tensor(4.0))).cuda()
+    assert layer._eager is not None
+    for trial, m in enumerate([64, 200, 64, 64]):
+        if trial == 3:
+            with torch.no_grad():
+                layer.input_scale.mul_(2)  # in place: the cached row scales must follow
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        general = kernels.fp8_linear(x, layer.weight, layer.scale, layer.bias, None, layer._gemm_fn,
+                                     layer.gemm_scale, layer.input_scale)
+        assert torch.equal(layer(x), general), (trial, m)
+
+
+@needs_fp8
 def test_eager_shortcut_follows_a_move():
     layer = Fp8Linear.from_linear(nn.Linear(256, 256).to(torch.bfloat16)).cuda()
     x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
