@@ -618,11 +618,11 @@ def fp8_attention_(model: nn.Module, backend: str = "triton") -> nn.Module:
 
     if backend not in BACKENDS:
         raise ConfigError(f"fp8_attention_: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+    attentions = _attentions(model, "fp8_attention_")
     if backend == "triton":
         _need_triton()
     elif backend == "cudnn":
         _cudnn_module()
-    attentions = _attentions(model, "fp8_attention_")
     for name, attn, _ in attentions:  # all checked before any is changed
         if getattr(attn.processor, "_parallel_config", None) is not None:
             raise ConfigError(f"fp8_attention_: {name} runs context-parallel attention, which FP8 attention does "
