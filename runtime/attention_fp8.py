@@ -149,7 +149,7 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
         raise ConfigError(f"unknown FP8 attention backend {backend!r}; use one of {', '.join(BACKENDS)}.")
     _check_inputs(q, k, v)
     mask = _key_mask(attn_mask, q, k)
-    if backend != "reference":
+    if backend != "reference" and not torch.compiler.is_compiling():  # checked eagerly, not traced
         _check_device(q, backend)
     return torch.ops.omni_fp8.fp8_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale),
                                             backend)
@@ -226,7 +226,7 @@ def _need_triton() -> None:
 
 # --------------------------------------------------------------------------- the Triton kernels
 
-_HEAD_DIMS = (64, 128)
+_HEAD_DIMS = (32, 64, 128)
 
 if HAVE_TRITON:
     import triton
