@@ -424,6 +424,14 @@ def _cudnn_module() -> Any:
     if not hasattr(getattr(cudnn, "pygraph", None), "sdpa_fp8"):
         raise ConfigError(f"FP8 attention (cudnn): this nvidia-cudnn-frontend ({getattr(cudnn, '__version__', '?')}) "
                           "has no sdpa_fp8; pip install -U nvidia-cudnn-frontend.")
+    try:  # its pure-Python graph (cudnn._device) asks the CUDA driver about the device through cuda-python
+        import importlib.util
+
+        if importlib.util.find_spec("cudnn._device") is not None:
+            import cuda.bindings.driver  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("FP8 attention (cudnn): nvidia-cudnn-frontend needs cuda-python here: pip install "
+                          "cuda-python.") from e
     return cudnn
 
 
@@ -481,15 +489,19 @@ class _CudnnFp8:
             with torch.cuda.device(device):
                 self.handles[device.index] = cudnn.create_handle()
         errors = []
+        # A BF16 output where cuDNN has one (no rounding of O); the inference flag under its newer
+        # name first, then its older one.
         for bf16_out in (True, False):
-            try:
-                return self._graph(cudnn, device, b, h, lq, lk, d, scale, masked, bf16_out)
-            except Exception as e:  # noqa: BLE001 - cuDNN reports an unsupported graph in several ways
-                errors.append(f"{'BF16' if bf16_out else 'FP8'} output: {' '.join(str(e).split())[:300]}")
+            for inference in ({"generate_stats": False}, {"is_inference": True}):
+                try:
+                    return self._graph(cudnn, device, b, h, lq, lk, d, scale, masked, bf16_out, inference)
+                except Exception as e:  # noqa: BLE001 - cuDNN reports an unsupported graph in several ways
+                    errors.append(f"{'BF16' if bf16_out else 'FP8'} output, {next(iter(inference))}: "
+                                  f"{' '.join(str(e).split())[:200]}")
         raise ConfigError(f"FP8 attention (cudnn): cuDNN built no FP8 SDPA for B={b} H={h} Lq={lq} Lk={lk} D={d} "
                           f"({'; '.join(errors)}).")
 
-    def _graph(self, cudnn, device, b, h, lq, lk, d, scale, masked, bf16_out) -> tuple:
+    def _graph(self, cudnn, device, b, h, lq, lk, d, scale, masked, bf16_out, inference) -> tuple:
         e4m3, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
         graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=f32, compute_data_type=f32,
                               handle=self.handles[device.index])
@@ -502,7 +514,7 @@ class _CudnnFp8:
         for name in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"):
             t[name] = graph.tensor(name=name, **scalar)
             t[name + "_shape"] = (1, 1, 1, 1)
-        options = {"attn_scale": scale, "use_causal_mask": False, "generate_stats": False}
+        options = {"attn_scale": scale, "use_causal_mask": False, **inference}
         if masked:
             for name in ("seq_q", "seq_kv"):
                 t[name] = graph.tensor(name=name, dim=(b, 1, 1, 1), stride=(1, 1, 1, 1),
