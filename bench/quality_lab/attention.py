@@ -14,7 +14,8 @@ so the numerics are decided on measured damage, not on a kernel's speed:
 In every mode the softmax runs in float32 and its probabilities P (in [0, 1]) are rounded to E4M3
 with the fixed scale 1/448 before the P.V product, as FP8 kernels do; the products accumulate in
 float32. The Linears stay BF16 (attention alone), or run per-tensor FP8 W8A8 (``+ W8A8`` rows:
-what a fully FP8 step would do).
+what a fully FP8 step would do). The emulation itself lives in ``omni_fp8.runtime.attention_fp8``
+(``quantize_qkv``, ``emulated_sdpa``), where the FP8 attention kernels and their tests use it too.
 
     python bench/quality_lab/attention.py --samples 256 --steps 20 --json bench/results/quality_lab_attention.json
 """
@@ -32,57 +33,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quality_lab import gate  # noqa: E402
+from omni_fp8.runtime.attention_fp8 import MODES, emulated_sdpa, quantize_qkv  # noqa: F401 - one definition
 
-MODES = ("tensor", "head", "sage")
-FP8_MAX = 448.0
-SAGE_BLOCK = 64
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def _fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded to E4M3 with ``scale`` (broadcast), back in float32: the value an FP8 kernel sees."""
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32) * scale
-
-
-def _scale(amax: torch.Tensor) -> torch.Tensor:
-    return torch.where(amax > 0, (amax / FP8_MAX).clamp_min(_TINY), torch.ones_like(amax))
-
-
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str) -> tuple[torch.Tensor, ...]:
-    """Q, K, V ``[B, H, L, D]`` as ``mode``'s FP8 kernel would hold them (float32 values)."""
-    if mode == "tensor":
-        return tuple(_fp8(t, _scale(t.abs().amax())) for t in (q, k, v))
-    if mode == "head":
-        return tuple(_fp8(t, _scale(t.abs().amax(dim=(2, 3), keepdim=True))) for t in (q, k, v))
-    if mode != "sage":
-        raise ValueError(f"unknown FP8 attention mode {mode!r}; use one of {', '.join(MODES)}")
-    k = k - k.mean(dim=2, keepdim=True)  # softmax(q.(k - m)) == softmax(q.k): each row shifts by q.m
-    out = []
-    for t in (q, k):
-        b, h, n, d = t.shape
-        pad = (-n) % SAGE_BLOCK
-        blocks = torch.nn.functional.pad(t, (0, 0, 0, pad)).reshape(b, h, -1, SAGE_BLOCK, d)
-        scale = _scale(blocks.abs().amax(dim=(3, 4), keepdim=True))
-        out.append(_fp8(blocks, scale).reshape(b, h, n + pad, d)[:, :, :n])
-    out.append(_fp8(v, _scale(v.abs().amax(dim=2, keepdim=True))))  # per channel of V
-    return tuple(out)
+from quality_lab import gate
 
 
 def fp8_sdpa(mode: str):
-    """A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with ``mode``'s numerics."""
+    """A drop-in for ``torch.nn.functional.scaled_dot_product_attention`` with ``mode``'s numerics
+    (``emulated_sdpa``: the definition the runtime's FP8 attention and its tests share)."""
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if dropout_p or is_causal or enable_gqa:
             raise NotImplementedError("the emulation covers what the lab DiT calls: no dropout, causality or GQA")
-        dtype = query.dtype
-        q, k, v = quantize_qkv(query.float(), key.float(), value.float(), mode)
-        s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-        if attn_mask is not None:
-            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
-        p = torch.softmax(s, dim=-1)
-        p = _fp8(p, torch.tensor(1.0 / FP8_MAX))  # probabilities in [0, 1]: a fixed scale
-        return (p @ v).to(dtype)
+        return emulated_sdpa(query, key, value, attn_mask, scale, mode)
 
     return sdpa
 
