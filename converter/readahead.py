@@ -49,7 +49,7 @@ __all__ = ["Readahead", "DEFAULT_BUDGET"]
 
 DEFAULT_BUDGET = 512 << 20  # bytes read ahead of the consumer at most; 0 turns reading ahead off
 _DIRECT_AHEAD = 128 << 20  # of those, bytes held in the thread's own buffers (process memory, unlike page cache)
-_DIRECT_KEEP = 256 << 20  # free buffers kept for reuse, at most
+_DIRECT_KEEP = 128 << 20  # free buffers kept for reuse, at most
 _CHUNK = 8 << 20  # one request to the kernel, one mapping to touch
 _DIRECT_REQUEST = 32 << 20  # one O_DIRECT read; the thread checks for ``close`` between them
 _IN_FLIGHT = 64 << 20  # asked for, not yet touched: what the disk has queued while the thread waits
