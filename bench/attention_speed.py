@@ -106,7 +106,7 @@ def median_ms(fn, warmup: int, repeat: int, inner: int) -> tuple[float, float, f
 
 def variants(q, k, v, mask) -> list[tuple[str, object, bool]]:
     """(name, zero-argument callable, returns the output) for each way to run this attention."""
-    from omni_fp8.runtime import attention_fp8 as A
+    import fp8_attention as A
     from torch.nn.attention import SDPBackend
 
     out = [("sdpa-bf16 (default)", lambda: sdpa(q, k, v, mask), True)]
@@ -168,7 +168,7 @@ def run_shape(name: str, a) -> dict:
     bf16 = [r["ms"] for label, r in rows.items() if label.startswith("sdpa-bf16") and "ms" in r]
     best = min(bf16) if bf16 else None
     extra = {}
-    from omni_fp8.runtime import attention_fp8 as A
+    import fp8_attention as A
 
     config = getattr(A._attn_fwd_tuned, "best_config", None) if A.HAVE_TRITON else None
     extra["triton_config"] = str(config) if config is not None else None

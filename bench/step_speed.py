@@ -23,8 +23,6 @@ Timings: CUDA events, warm-up first, median of ``--repeat``. Ratios within one r
         --peer diffusers-fp8r --mode eager --mode default             # peers in the same run
     python bench/step_speed.py --model qwen-image --scheme tensor --fused --no-linears
                                       # + fuse_blocks_ on BF16 and each scheme (fused-bf16, ...)
-    python bench/step_speed.py --model qwen-image --scheme tensor --attention fp8 --no-linears
-                                      # + fp8_attention_ on BF16 and each scheme (fp8attn-bf16, ...)
     python bench/step_speed.py --model qwen-image --model z-image --scheme tensor --scheme tensor-static \
         --scheme channel --scheme channel-static --mode eager --mode graphs --mode default   # static activations
 
@@ -356,17 +354,9 @@ PEERS = ("torchao-row", "torchao-tensor", "diffusers-fp8r")
 def quantized(name: str, variant: str, a) -> nn.Module:
     """The model in ``variant``: one of ours (``tensor``, ``block``, ``channel``, ``tensor-fast``)
     or a peer's, on the same seeded weights, quantizing the same Linears (``--preset``);
-    ``fused-<bf16 or one of ours>``: that model with ``fuse_blocks_`` applied; ``fp8attn-<any of
-    these>``: with ``fp8_attention_`` (``--attention``: fp8 = the Triton kernel, fp8-cudnn)."""
+    ``fused-<bf16 or one of ours>``: that model with ``fuse_blocks_`` applied."""
     from omni_fp8 import Fp8Config, Fp8Linear, fuse_blocks_, quantize_
     from omni_fp8.converter.plan import decide_linears
-
-    if variant.startswith("fp8attn-"):
-        from omni_fp8 import fp8_attention_
-
-        base = variant.removeprefix("fp8attn-")
-        model = build(name, a.blocks) if base == "bf16" else quantized(name, base, a)
-        return fp8_attention_(model, "cudnn" if a.attention == "fp8-cudnn" else "triton")
 
     if variant.startswith("fused-"):
         base = variant.removeprefix("fused-")
@@ -521,9 +511,8 @@ def print_table(result, a, t_lin, timings, memory, errors) -> None:
             if (variant, mode) not in timings:
                 continue
             ms = timings[(variant, mode)]["ms"]
-            scheme = variant.removeprefix("fp8attn-").removeprefix("fused-")
-            key = "fp8_block" if scheme.startswith("block") else "fp8_tensor"
-            if t_lin and scheme != "bf16":
+            key = "fp8_block" if variant.removeprefix("fused-").startswith("block") else "fp8_tensor"
+            if t_lin and variant != "fused-bf16":
                 saving = t_lin["bf16"] - t_lin[key]
                 ceiling = f"{base / (base - saving):>7.2f}x" if base > saving else f"{'inf':>8}"
                 reached = f"{100 * (base - ms) / saving:>9.0f}%" if saving > 0 else f"{'':>10}"
@@ -630,9 +619,6 @@ def main() -> None:
                         help="run everything in N fresh processes and report min / median / max")
     parser.add_argument("--fused", action="store_true",
                         help="also each scheme and BF16 with fuse_blocks_ (variants fused-bf16, fused-<scheme>)")
-    parser.add_argument("--attention", choices=["fp8", "fp8-cudnn"],
-                        help="also BF16 and each variant with fp8_attention_ (variants fp8attn-bf16, fp8attn-<v>): "
-                             "fp8 = the Triton kernel, fp8-cudnn = cuDNN's FP8 SDPA")
     parser.add_argument("--launch-costs", action="store_true", help="host time per call of an FP8 Linear's pieces")
     parser.add_argument("--host", action="store_true", help="also measure each variant's host time per forward")
     parser.add_argument("--no-linears", dest="linears", action="store_false",
@@ -648,8 +634,6 @@ def main() -> None:
     a.variants = [*a.schemes, *a.peers]
     if a.fused:  # right after its unfused form, so the fused-vs-unfused error has its reference
         a.variants = ["fused-bf16"] + [v for s in a.schemes for v in (s, f"fused-{s}")] + a.peers
-    if a.attention:  # each right after its BF16-attention form
-        a.variants = ["fp8attn-bf16"] + [x for v in a.variants for x in ((v,) if v in PEERS else (v, f"fp8attn-{v}"))]
     a.modes = a.modes or ["eager", "default"]
     if a.processes:
         processes(a, sys.argv[1:])

@@ -54,9 +54,6 @@ def main(debug: bool) -> None:
 @click.option("--fuse-blocks", is_flag=True,
               help="One QKV projection per attention stream and one-kernel AdaLN (Qwen-Image, Z-Image): faster "
                    "eager steps.")
-@click.option("--attention", type=click.Choice(["fp8", "fp8-cudnn"]),
-              help="FP8 attention (Qwen-Image, Z-Image; a GPU with FP8): fp8 = the Triton kernel (per-head scales), "
-                   "fp8-cudnn = cuDNN's FP8 SDPA (per-tensor). Default: diffusers' BF16 attention.")
 @click.option("--enable-cpu-offload", is_flag=True, help="diffusers' enable_model_cpu_offload.")
 @click.option("--sequential-cpu-offload", is_flag=True, help="diffusers' enable_sequential_cpu_offload.")
 @click.option("--group-offload", metavar="SPEC",
@@ -86,7 +83,7 @@ def text_to_image(model: str, revision: str | None, token: str | None, quantizat
                   ignored_layers: tuple[str, ...], weight_block_size: str | None, weight_strategy: str | None,
                   activation_scheme: str, calibration: str | None, static_ignored_layers: tuple[str, ...], dtype: str,
                   device: str | None, cache_backend: str | None, cache_config: str | None, compile_: bool,
-                  cuda_graphs: bool, fuse_blocks: bool, attention: str | None, enable_cpu_offload: bool, sequential_cpu_offload: bool, group_offload: str | None,
+                  cuda_graphs: bool, fuse_blocks: bool, enable_cpu_offload: bool, sequential_cpu_offload: bool, group_offload: str | None,
                   ulysses_degree: int | None, ring_degree: int | None, attention_backend: str | None,
                   prompts: tuple[str, ...],
                   negative_prompt: str | None, num_inference_steps: int, height: int | None, width: int | None,
@@ -120,7 +117,7 @@ def text_to_image(model: str, revision: str | None, token: str | None, quantizat
         _check_writable(paths, force=force)
     with Omni(model, quantization=quantization, quantization_config=config, dtype=dtype, device=device,
               cache_backend=cache_backend, cache_config=_json_option(cache_config, "--cache-config"),
-              compile=compile_, cuda_graphs=cuda_graphs, fuse_blocks=fuse_blocks, attention=attention,
+              compile=compile_, cuda_graphs=cuda_graphs, fuse_blocks=fuse_blocks,
               enable_cpu_offload="sequential" if sequential_cpu_offload else enable_cpu_offload,
               group_offload=_group_offload_option(group_offload), parallel=parallel,
               attention_backend=attention_backend, revision=revision, token=token,

@@ -321,7 +321,7 @@ class FusedQwenImageAttnProcessor(_FusedProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from .attention_fp8 import dispatch_attention as dispatch_attention_fn  # diffusers' unless FP8-marked
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         if encoder_hidden_states is None:
             raise ValueError("FusedQwenImageAttnProcessor requires encoder_hidden_states (the text stream)")
@@ -390,7 +390,7 @@ class FusedZImageAttnProcessor(_FusedProcessor):
         attention_mask: torch.Tensor | None = None,
         freqs_cis: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from .attention_fp8 import dispatch_attention as dispatch_attention_fn  # diffusers' unless FP8-marked
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         head_dim = attn.to_qkv.omni_fused_parts[0][1] // attn.heads
         query, key, value = _projections(attn.to_qkv, hidden_states, head_dim)

@@ -38,7 +38,6 @@ from . import parallel as parallel_mod
 __all__ = ["Omni", "OmniDiffusionSamplingParams", "OmniRequestOutput", "OmniTimings", "QUANTIZATIONS"]
 
 QUANTIZATIONS = ("fp8",)
-ATTENTIONS = (None, "fp8", "fp8-cudnn")  # Omni(attention=...): diffusers' BF16 attention, or FP8 by kernel
 _OFFLOAD_MODES = ("model", "sequential")
 _GROUP_OFFLOAD_KEYS = ("offload_type", "num_blocks_per_group", "non_blocking", "use_stream", "record_stream",
                        "low_cpu_mem_usage", "offload_to_disk_path", "exclude_modules")
@@ -152,10 +151,6 @@ class Omni:
         fuse_blocks: Qwen-Image / Z-Image attention with one QKV projection per stream and, for
             Qwen-Image on a GPU, one-kernel AdaLN modulation (``fuse_blocks_``): fewer launches, so
             faster eager steps (1.13x -> 1.17x over BF16 on an H200); compiled steps are unchanged.
-        attention: ``"fp8"`` runs the Qwen-Image / Z-Image attention in FP8 with the Triton kernel
-            (per-head scales), ``"fp8-cudnn"`` with cuDNN's FP8 SDPA (per-tensor scales);
-            ``fp8_attention_``. Needs a GPU with FP8 (compute capability 8.9+). Default: diffusers'
-            BF16 attention.
         compile: Regional compilation of the transformer blocks (``compile_repeated_blocks``,
             ``fullgraph=True``); with a cache, the blocks' own computation is compiled and the
             cache's decisions run around it.
@@ -185,7 +180,6 @@ class Omni:
         compile: bool = False,
         cuda_graphs: bool = False,
         fuse_blocks: bool = False,
-        attention: str | None = None,
         enable_cpu_offload: bool | str = False,
         group_offload: bool | Mapping[str, Any] | None = None,
         parallel: Mapping[str, Any] | None = None,
@@ -221,11 +215,6 @@ class Omni:
         if fuse_blocks and self._parallel:
             raise ConfigError("fuse_blocks does not combine with parallel: context parallelism's plan is written for "
                               "diffusers' own attention layers; choose one.")
-        if attention not in ATTENTIONS:
-            raise ConfigError(f"attention must be one of {', '.join(map(repr, ATTENTIONS))}, got {attention!r}.")
-        if attention is not None and (self._parallel or attention_backend is not None):
-            raise ConfigError(f"attention={attention!r} replaces the attention backend; it does not combine with "
-                              f"{'parallel' if self._parallel else 'attention_backend'}; choose one.")
         if self._parallel and compile:
             raise ConfigError("compile does not combine with parallel in diffusers 0.42.1 (its own CLI skips "
                               "compilation under context parallelism); choose one.")
@@ -267,12 +256,6 @@ class Omni:
                                           ("cuda" if torch.cuda.is_available() else "cpu"))
 
         backend = attention_backend or parallel_mod.attention_backend(self._parallel, self._device)
-        if attention is not None:
-            from .attention_fp8 import FP8_MIN_CAPABILITY
-
-            if self._device.type != "cuda" or torch.cuda.get_device_capability(self._device) < FP8_MIN_CAPABILITY:
-                raise ConfigError(f"attention={attention!r} needs a CUDA GPU with FP8 tensor cores (compute capability "
-                                  f"8.9+); this pipeline runs on {self._device}.")
 
         self._pipe = _load_pipeline(source.root, self._dtype, Fp8Config() if explicit is None else explicit,
                                     quantize=self._quantization == "fp8", progress=progress and self._rank == 0)
@@ -286,11 +269,6 @@ class Omni:
 
             fuse_blocks_(transformer)
         self._fuse_blocks = fuse_blocks
-        if attention is not None:  # before compilation, graphs and caches, like fuse_blocks
-            from .attention_fp8 import fp8_attention_
-
-            fp8_attention_(transformer, "cudnn" if attention == "fp8-cudnn" else "triton")
-        self._attention = attention
         if compile and cache_backend is not None:
             _compile_block_forwards(transformer)  # before any hook: the hooks then wrap compiled blocks
         if backend is not None:
@@ -371,7 +349,6 @@ class Omni:
             "compile": self._compile,
             "cuda_graphs": self._cuda_graphs,
             "fuse_blocks": self._fuse_blocks,
-            "attention": self._attention,
             "offload": self._offload,
             "parallel": {**self._parallel, "rank": self._rank} if self._parallel else None,
             "attention_backend": self._attention_backend,

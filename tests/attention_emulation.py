@@ -10,10 +10,14 @@ CPU interpreter (which rounds differently, see ``interpreter_e4m3``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from omni_fp8.runtime.attention_fp8 import FP8_MAX, LOG2_FP8_MAX, LOG2E, fp8_scale
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from fp8_attention import FP8_MAX, LOG2_FP8_MAX, LOG2E, fp8_scale  # noqa: E402
 
 
 def torch_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +54,9 @@ def emulate_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     c = sq * sk * f32(q.shape[-1] ** -0.5 if scale is None else scale) * f32(LOG2E)
     b, h, lq, d = qc.shape
     lk = kc.shape[2]
-    m = torch.full((b, h, lq), -1.0e30)
-    l_sum = torch.zeros((b, h, lq))
-    acc = torch.zeros((b, h, lq, d))
+    m = torch.full((b, h, lq), -1.0e30, device=qc.device)
+    l_sum = torch.zeros((b, h, lq), device=qc.device)
+    acc = torch.zeros((b, h, lq, d), device=qc.device)
     for start in range(0, lk, block_n):
         stop = min(start + block_n, lk)
         s = (qc @ kc[:, :, start:stop].transpose(-1, -2)) * c

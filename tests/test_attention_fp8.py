@@ -1,4 +1,5 @@
-"""FP8 attention on the CPU: the reference, the Triton kernel in Triton's interpreter, the hook.
+"""FP8 attention kernels of the speed lab (bench/fp8_attention.py) on the CPU: the reference, the
+Triton kernel in Triton's interpreter, the speed bench.
 
 Tolerances, and why:
 
@@ -12,10 +13,7 @@ Tolerances, and why:
   float32 -> BF16): FP8 codes and scales **identical**; outputs within one BF16 ulp of every
   element (the interpreter truncates the output to BF16; the float32 sums differ only in order,
   far below an ulp). On a GPU (tests/test_gpu_attention.py) the same comparison runs with torch's
-  cast;
-* a model with FP8 attention (reference backend) against BF16 attention: within the FP8 bound
-  the other FP8 tests use (2e-2 relative L2 on these tiny models); with ``fuse_blocks_`` added,
-  the same bound against the unfused FP8 model.
+  cast.
 """
 
 from __future__ import annotations
@@ -28,20 +26,11 @@ import sys
 
 import pytest
 import torch
-from attention_emulation import emulate_kernel, rel_l2
-from omni_fp8 import (
-    fp8_attention,
-    fp8_attention_,
-    fuse_blocks_,
-    unfp8_attention_,
-    unfuse_blocks_,
-)
+from attention_emulation import emulate_kernel, rel_l2  # puts bench/ on the path
 from omni_fp8.converter.errors import ConfigError
-from omni_fp8.runtime import attention_fp8
-from omni_fp8.runtime.attention_fp8 import Fp8AttentionBackend, fp8_attention_reference
-from test_fused_blocks import build, inputs
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import fp8_attention as fp8_attention_module
+from fp8_attention import fp8_attention, fp8_attention_reference
 from quality_lab import attention as lab
 
 
@@ -68,7 +57,7 @@ def test_the_reference_is_the_lab_emulation(mode):
     ours = fp8_attention_reference(q, k, v, mask, mode)
     labs = lab.fp8_sdpa(mode)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :])
     assert torch.equal(ours, labs.transpose(1, 2))
-    assert lab.quantize_qkv is attention_fp8.quantize_qkv  # one definition
+    assert lab.quantize_qkv is fp8_attention_module.quantize_qkv  # one definition
 
 
 @pytest.mark.parametrize("spread", [1.0, 2.5])
@@ -135,7 +124,7 @@ def _patched(tensor, scope):
 interpreter._patch_lang_tensor = _patched
 
 from attention_emulation import emulate_kernel, interpreter_e4m3, kernel_codes
-from omni_fp8.runtime import attention_fp8 as A
+import fp8_attention as A
 
 # The interpreter's tl.dot decodes E4M3 its own way: it must agree with torch on every code.
 codes = np.arange(256, dtype=np.uint8)
@@ -183,128 +172,15 @@ def test_triton_kernel_in_the_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed (CPU-only install)")
     proc = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, timeout=900, check=False,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
+                          env={**os.environ, "TRITON_INTERPRET": "1",
+                               "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-# --- the hook -----------------------------------------------------------------------------------
-
-def run(model, args, kwargs):
-    """The model's output(s) as one flat tensor (Z-Image's images may differ in size)."""
-    with torch.no_grad():
-        out = model(*args, **kwargs)[0]
-    if isinstance(out, (list, tuple)):
-        return torch.cat([o.flatten() for o in out])
-    return out.flatten()
+# --- the speed bench ---------------------------------------------------------------------------
 
 
-def masked_inputs(name, model):
-    """Inputs with key masks: Qwen-Image's text mask with padded tokens, Z-Image's two captions of
-    images of different sizes (diffusers then masks the shorter sequence's padding)."""
-    if name == "qwen-image":
-        args, kwargs = inputs(name, model, batch=2)
-        mask = kwargs["encoder_hidden_states_mask"].clone()
-        mask[1, 4:] = False
-        return args, {**kwargs, "encoder_hidden_states_mask": mask}
-    g = torch.Generator().manual_seed(4)
-    cfg = model.config
-    latents = [torch.randn(cfg.in_channels, 1, n, n, generator=g).bfloat16() for n in (8, 12)]
-    caps = [torch.randn(7, cfg.cap_feat_dim, generator=g).bfloat16() for _ in range(2)]
-    return (latents, torch.full((2,), 0.6).bfloat16(), caps), {"return_dict": False}
-
-
-@pytest.mark.parametrize("name", ["qwen-image", "z-image"])
-def test_the_hook_runs_fp8_attention_and_comes_off(name, monkeypatch):
-    model = build(name, "bf16")
-    args, kwargs = masked_inputs(name, model)
-    bf16 = run(model, args, kwargs)
-    calls = []
-    original = attention_fp8.fp8_attention_reference
-    monkeypatch.setattr(attention_fp8, "fp8_attention_reference",
-                        lambda *a, **kw: calls.append(a[3]) or original(*a, **kw))
-    fp8_attention_(model, backend="reference")
-    processors = [m.processor for m in model.modules() if hasattr(m, "processor")]
-    assert all(isinstance(p._attention_backend, Fp8AttentionBackend) for p in processors)
-    fp8 = run(model, args, kwargs)
-    assert len(calls) == len(processors) and any(m is not None and not m.all() for m in calls)  # masks came through
-    assert 0 < rel_l2(fp8, bf16) < 2e-2
-    fuse_blocks_(model)  # composes: the fused processors keep the mark
-    fused = run(model, args, kwargs)
-    assert rel_l2(fused, fp8) < 2e-2 and len(calls) == 2 * len(processors)
-    unfp8_attention_(model)
-    unfuse_blocks_(model)
-    assert torch.equal(run(model, args, kwargs), bf16)
-    assert all(p._attention_backend is None for p in (m.processor for m in model.modules() if hasattr(m, "processor")))
-
-
-def test_fuse_first_then_fp8_and_the_previous_backend_comes_back():
-    model = build("z-image", "bf16")
-    for block in model.modules():
-        if hasattr(block, "processor"):
-            block.processor._attention_backend = "native"
-    fuse_blocks_(model)
-    fp8_attention_(model, backend="reference")
-    fp8_attention_(model, backend="reference")  # again: still one layer of marking
-    attn = model.layers[0].attention
-    assert attn.processor._attention_backend.previous == "native"
-    args, kwargs = inputs("z-image", model)
-    run(model, args, kwargs)
-    unfp8_attention_(model)
-    assert attn.processor._attention_backend == "native"
-    unfuse_blocks_(model)
-    assert attn.processor._attention_backend == "native"
-
-
-def test_other_models_are_untouched_by_the_routing():
-    """The routing sits in diffusers' module: models without the mark run diffusers' attention."""
-    marked, plain = build("qwen-image", "bf16"), build("qwen-image", "bf16")
-    args, kwargs = inputs("qwen-image", plain)
-    before = run(plain, args, kwargs)
-    fp8_attention_(marked, backend="reference")
-    assert torch.equal(run(plain, args, kwargs), before)
-
-
-def test_hook_errors_are_one_line(monkeypatch):
-    model = build("qwen-image", "bf16")
-    cases = [(lambda: fp8_attention_(model, backend="flash"), "unknown backend 'flash'"),
-             (lambda: fp8_attention_(torch.nn.Linear(2, 2)), "has no Qwen-Image or Z-Image attention"),
-             (lambda: fp8_attention_("model"), "takes a diffusers transformer")]
-    if importlib.util.find_spec("cudnn") is None:
-        cases.append((lambda: fp8_attention_(model, backend="cudnn"), "pip install nvidia-cudnn-frontend"))
-    cases.append((lambda: monkeypatch.setattr(attention_fp8, "HAVE_TRITON", False) or fp8_attention_(model),
-                  "needs Triton: pip install triton"))
-    for call, fragment in cases:
-        with pytest.raises(ConfigError) as info:
-            call()
-        assert fragment in str(info.value) and "\n" not in str(info.value)
-    assert all(b.attn.processor._attention_backend is None for b in model.transformer_blocks)
-    model.transformer_blocks[0].attn.processor._parallel_config = object()
-    with pytest.raises(ConfigError, match="runs context-parallel attention"):
-        fp8_attention_(model, backend="reference")
-    assert all(b.attn.processor._attention_backend is None for b in model.transformer_blocks)
-
-
-def test_a_cpu_model_with_the_triton_backend_fails_at_the_call_in_one_line():
-    model = build("z-image", "bf16")
-    if not attention_fp8.HAVE_TRITON:
-        pytest.skip("triton not installed: fp8_attention_ refuses earlier (test_hook_errors_are_one_line)")
-    fp8_attention_(model)
-    args, kwargs = inputs("z-image", model)
-    with pytest.raises(ConfigError, match=r"needs a CUDA GPU with FP8 .* got a cpu tensor"):
-        run(model, args, kwargs)
-
-
-def test_cli_refuses_fp8_attention_on_the_cpu(qwen_pipeline, tmp_path):
-    from click.testing import CliRunner
-    from omni_fp8.runtime.cli import main
-
-    result = CliRunner().invoke(main, ["text-to-image", "--model", str(qwen_pipeline), "--device", "cpu",
-                                       "--attention", "fp8", "--prompt", "a cat", "-o", str(tmp_path / "x.png")])
-    assert result.exit_code == 1 and not (tmp_path / "x.png").exists()
-    assert result.stderr.strip() == ("error: attention='fp8' needs a CUDA GPU with FP8 tensor cores (compute "
-                                     "capability 8.9+); this pipeline runs on cpu.")
-
-
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's refusal; the GPU run is the bench itself")
 def test_the_speed_bench_runs_and_survives_failing_backends(monkeypatch, capsys):
     """bench/attention_speed.py on the CPU at a toy shape: BF16 SDPA rows are timed and scored,
     the FP8 backends (GPU only) fail with their one-line reason and the table still prints."""

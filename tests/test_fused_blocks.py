@@ -237,8 +237,9 @@ INTERPRETED_MODULATE = r"""
 import torch
 from omni_fp8.runtime.triton_kernels import modulate_cuda
 
-def bf16(t):  # Triton 3.6's interpreter casts float32 to BF16 by truncation, not rounding
+def truncated(t):  # Triton 3.6's interpreter stores float32 as BF16 by truncation, not rounding
     return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+
 
 torch.manual_seed(0)
 for b, rows, k in [(1, 37, 96), (2, 5, 3072), (2, 1, 64)]:
@@ -246,7 +247,9 @@ for b, rows, k in [(1, 37, 96), (2, 5, 3072), (2, 1, 64)]:
     mod = (torch.randn(b, 6 * k) * 0.5).bfloat16()[:, : 3 * k]  # chunk views: row stride 6k
     shift, scale, _ = mod.chunk(3, dim=-1)
     y, q, s = modulate_cuda(x, shift, scale, True)
-    expected = bf16(bf16(x.float() * bf16(1 + scale.float()[:, None])) + shift.float()[:, None])
+    # x * (1 + scale) rounded to BF16 in the kernel's integer arithmetic (torch's rounding), then
+    # + shift stored by the interpreter (truncated)
+    expected = truncated((x * (1 + scale[:, None])).float() + shift.float()[:, None])
     assert torch.equal(y.float(), expected), (b, rows, k)
     amax = y.float().abs().amax(-1, keepdim=True).reshape(-1, 1)
     assert torch.equal(s, torch.where(amax == 0, 1.0, torch.clamp(amax / 448, min=2.0 ** -126))), (b, rows, k)
@@ -257,8 +260,10 @@ print("ok")
 
 def test_modulate_kernel_in_the_triton_interpreter():
     """The kernel's indexing (rows per sample, the modulation's row stride, masking past K) and
-    its scales, run by Triton's CPU interpreter. Its casts are not the GPU's (BF16 truncated,
-    E4M3 off by a binade), so the reference truncates too and the FP8 codes are left to
+    its scales, run by Triton's CPU interpreter. The kernel rounds its product to BF16 with integer
+    arithmetic, which the interpreter runs exactly; the interpreter's own casts are not the GPU's
+    (BF16 stores truncated, E4M3 off by a binade), so the reference truncates the final store and
+    the FP8 codes are left to
     tests/test_gpu_fused_blocks.py, which checks every bit against torch."""
     import importlib.util
     import os

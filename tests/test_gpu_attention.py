@@ -1,5 +1,5 @@
-"""FP8 attention on a GPU: the Triton kernel and cuDNN's FP8 SDPA at the real shapes, the hook on
-tiny models, eager, compiled and under CUDA graphs. Skipped without CUDA.
+"""FP8 attention kernels on a GPU (bench/fp8_attention.py): the Triton kernel and cuDNN's FP8 SDPA
+at the real shapes. Skipped without CUDA.
 
 Tolerances, and why:
 
@@ -11,9 +11,6 @@ Tolerances, and why:
   emulation's;
 * cuDNN (per-tensor scales) against exact attention: at most twice the error of the per-tensor
   emulation plus 5e-2, room for cuDNN's own probability rounding and, on Hopper, its E4M3 output;
-* the hook on tiny models: FP8 attention against BF16 attention within 2e-2 relative L2 (the
-  bound of the other FP8 tests on these models); compiled and CUDA-graph runs against eager within
-  the same bound (compilation re-fuses the neighbouring ops); CUDA-graph replays identical.
 """
 
 from __future__ import annotations
@@ -23,9 +20,9 @@ import importlib.util
 import pytest
 import torch
 from attention_emulation import emulate_kernel
-from omni_fp8.converter.demo import tiny_qwen_image, tiny_z_image
-from omni_fp8.runtime import attention_fp8 as A
 from test_gpu import pytestmark, rel_l2  # noqa: F401 - the GPU marks
+
+import fp8_attention as A  # bench/, on the path through attention_emulation
 
 needs_fp8_attention = pytest.mark.skipif(
     not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= A.FP8_MIN_CAPABILITY),
@@ -119,73 +116,3 @@ def test_cudnn_refuses_masks_that_are_not_a_prefix():
     mask[:, 3] = False
     with pytest.raises(A.ConfigError, match="keep a prefix of each item's keys"):
         A.fp8_attention(q, k, v, mask, backend="cudnn")
-
-
-def tiny(name):
-    model = (tiny_qwen_image if name == "qwen-image" else tiny_z_image)(seed=5).to("cuda", torch.bfloat16)
-    if name == "qwen-image":
-        g = torch.Generator(device="cuda").manual_seed(0)
-        cfg = model.config
-        mask = torch.ones(1, 24, dtype=torch.bool, device="cuda")
-        mask[:, 20:] = False
-        kwargs = {"hidden_states": torch.randn(1, 64, cfg.in_channels, device="cuda", generator=g).bfloat16(),
-                  "encoder_hidden_states": torch.randn(1, 24, cfg.joint_attention_dim, device="cuda",
-                                                       generator=g).bfloat16(),
-                  "encoder_hidden_states_mask": mask, "timestep": torch.full((1,), 0.6, device="cuda").bfloat16(),
-                  "img_shapes": [[(1, 8, 8)]], "return_dict": False}
-        return model, (), kwargs
-    g = torch.Generator(device="cuda").manual_seed(0)
-    cfg = model.config
-    latents = [torch.randn(cfg.in_channels, 1, n, n, device="cuda", generator=g).bfloat16() for n in (8, 12)]
-    caps = [torch.randn(7, cfg.cap_feat_dim, device="cuda", generator=g).bfloat16() for _ in range(2)]
-    return model, (latents, torch.full((2,), 0.6, device="cuda").bfloat16(), caps), {"return_dict": False}
-
-
-def forward(model, args, kwargs):
-    with torch.no_grad():
-        out = model(*args, **kwargs)[0]
-    return torch.cat([o.flatten() for o in out]) if isinstance(out, (list, tuple)) else out.flatten()
-
-
-@needs_fp8_attention
-@needs_triton
-@pytest.mark.parametrize("name", ["qwen-image", "z-image"])
-def test_hook_on_tiny_models(name):
-    from omni_fp8 import (
-        enable_cuda_graphs,
-        fp8_attention_,
-        fuse_blocks_,
-        unfp8_attention_,
-    )
-
-    model, args, kwargs = tiny(name)
-    bf16 = forward(model, args, kwargs)
-    fp8_attention_(model)
-    eager = forward(model, args, kwargs)
-    assert 0 < rel_l2(eager, bf16) < 2e-2
-    fp8_attention_(model, backend="reference")
-    assert rel_l2(forward(model, args, kwargs), eager) < 2e-2
-    fp8_attention_(model)
-    fuse_blocks_(model)
-    assert rel_l2(forward(model, args, kwargs), eager) < 2e-2
-    if name == "qwen-image":  # fixed shapes: CUDA graphs replay the blocks
-        enable_cuda_graphs(model)
-        first = forward(model, args, kwargs)
-        assert torch.equal(forward(model, args, kwargs), first) and rel_l2(first, eager) < 2e-2
-    else:
-        unfp8_attention_(model)
-        assert rel_l2(forward(model, args, kwargs), bf16) < 1e-2
-
-
-@needs_fp8_attention
-@needs_triton
-@pytest.mark.parametrize("name", ["qwen-image", "z-image"])
-def test_compiled_blocks_call_the_kernel_as_one_op(name):
-    """As Omni(compile=True) compiles: regional, fullgraph."""
-    from omni_fp8 import fp8_attention_
-
-    model, args, kwargs = tiny(name)
-    fp8_attention_(model)
-    eager = forward(model, args, kwargs)
-    model.compile_repeated_blocks(fullgraph=True)
-    assert rel_l2(forward(model, args, kwargs), eager) < 2e-2

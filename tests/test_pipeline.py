@@ -192,10 +192,6 @@ def test_mag_cache_defaults_are_qwen_images_calibrated_ratios(qwen_pipeline):
     ({"cuda_graphs": True, "device": "cpu"}, ConfigError, "cuda_graphs needs a CUDA device"),
     ({"fuse_blocks": 1}, ConfigError, "fuse_blocks must be True or False"),
     ({"fuse_blocks": True, "parallel": {"ulysses_degree": 2}}, ConfigError, "fuse_blocks does not combine with parallel"),
-    ({"attention": "fp4"}, ConfigError, "attention must be one of None, 'fp8', 'fp8-cudnn', got 'fp4'"),
-    ({"attention": "fp8", "device": "cpu"}, ConfigError, "attention='fp8' needs a CUDA GPU with FP8"),
-    ({"attention": "fp8", "attention_backend": "native"}, ConfigError, "does not combine with attention_backend"),
-    ({"attention": "fp8-cudnn", "parallel": {"ulysses_degree": 2}}, ConfigError, "does not combine with parallel"),
 ])
 def test_bad_options_are_refused_by_name(qwen_pipeline, kwargs, error, fragment):
     with pytest.raises(error) as info:

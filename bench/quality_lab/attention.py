@@ -14,7 +14,7 @@ so the numerics are decided on measured damage, not on a kernel's speed:
 In every mode the softmax runs in float32 and its probabilities P (in [0, 1]) are rounded to E4M3
 with the fixed scale 1/448 before the P.V product, as FP8 kernels do; the products accumulate in
 float32. The Linears stay BF16 (attention alone), or run per-tensor FP8 W8A8 (``+ W8A8`` rows:
-what a fully FP8 step would do). The emulation itself lives in ``omni_fp8.runtime.attention_fp8``
+what a fully FP8 step would do). The emulation itself lives in ``bench/fp8_attention.py``
 (``quantize_qkv``, ``emulated_sdpa``), where the FP8 attention kernels and their tests use it too.
 
     python bench/quality_lab/attention.py --samples 256 --steps 20 --json bench/results/quality_lab_attention.json
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from omni_fp8.runtime.attention_fp8 import MODES, emulated_sdpa, quantize_qkv  # noqa: F401 - one definition
+from fp8_attention import MODES, emulated_sdpa, quantize_qkv  # noqa: E402, F401 - one definition
 
 from quality_lab import gate
 

@@ -38,8 +38,7 @@ __version__ = tool_version()
 # TeaCache's hooks subclass diffusers' (importing diffusers.hooks takes seconds): loaded on first use.
 _LAZY = {"TeaCacheConfig": "teacache", "apply_teacache": "teacache", "remove_teacache": "teacache",
          "enable_cuda_graphs": "cuda_graphs", "disable_cuda_graphs": "cuda_graphs",
-         "fuse_blocks_": "fused_blocks", "unfuse_blocks_": "fused_blocks",
-         "fp8_attention": "attention_fp8", "fp8_attention_": "attention_fp8", "unfp8_attention_": "attention_fp8"}
+         "fuse_blocks_": "fused_blocks", "unfuse_blocks_": "fused_blocks"}
 
 
 def __getattr__(name: str) -> object:
@@ -63,9 +62,6 @@ __all__ = [
     "disable_cuda_graphs",
     "fuse_blocks_",
     "unfuse_blocks_",
-    "fp8_attention",
-    "fp8_attention_",
-    "unfp8_attention_",
     "load_transformer",
     "quantize_",
     "sensitivity",

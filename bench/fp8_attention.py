@@ -1,11 +1,19 @@
-"""FP8 attention for Qwen-Image and Z-Image: Q, K, V and the softmax probabilities in E4M3, float32 sums.
+"""FP8 attention kernels for the speed and quality labs: measured on an H200, not shipped.
 
-Why: attention is the largest part of a compiled FP8 Qwen-Image step that the FP8 Linears leave in
-BF16 (39 ms of 127 ms at 1024x1024, cuDNN's BF16 flash attention through SDPA; bench/RESULTS.md),
-and FP8 attention kernels run about 1.45x faster than the best BF16 one on Hopper at these sizes.
+Why it was tried: attention is the largest part of a compiled FP8 Qwen-Image step that the FP8
+Linears leave in BF16, and published FP8 attention kernels run up to 1.45x faster than the best
+BF16 one on Hopper. Why it is not a runtime option: at the models' own shapes it is not faster.
+Measured on an H200 (``bench/attention_speed.py``, bench/RESULTS.md "FP8 attention kernels"):
+at Qwen-Image 1024x1024 (4352 tokens, 24 heads) cuDNN's BF16 flash attention through SDPA takes
+0.40 ms per call (579 TFLOP/s); this Triton kernel alone 0.42 ms, 0.60 ms with its Q/K/V
+quantization; cuDNN's own FP8 SDPA 0.64 ms with its quantization. At 1328x1328 the kernels alone
+are 1.12x (Triton) and about 1.2x (cuDNN) faster, and the quantization (0.22-0.29 ms) takes that
+back. Whole steps were slower with either. The issue's bar was 15% faster than BF16 at equal
+quality; what could still get there is writing the E4M3 codes in the kernel that produces Q, K
+and V (QK-norm + RoPE), which removes the quantization pass.
 
-Numerics (bench/quality_lab/attention.py measured them before any kernel existed, and imports its
-emulation from here, so the lab and the kernels share one definition):
+Numerics (the quality lab's ``attention.py`` emulation imports them from here, so the lab and the
+kernels share one definition):
 
 * Q, K, V are rounded to E4M3 with one scale each per batch item and head (``head``: the Triton
   kernel, FlashAttention-3's descales) or per call (``tensor``: cuDNN's FP8 SDPA); scale =
@@ -18,44 +26,31 @@ emulation from here, so the lab and the kernels share one definition):
   the normalised probabilities. E4M3 is a floating-point format, so both round each probability
   to the same relative precision (tests/test_attention_fp8.py compares the two on the CPU).
 
-Measured in the quality lab (256 samples, 20 steps, against the BF16 model): per-head FP8
-attention costs 1.0 dB PSNR on top of W8A8 Linears, per-tensor 1.7 dB; both pass the quality
-gate. On Hopper, cuDNN's FP8 SDPA also writes its output in E4M3 (scaled by V's amax), one more
-rounding the lab did not model; ``bench/attention_speed.py`` measures its error.
+Quality (deep lab, 24 blocks, H200, on top of FP8 Linears): per-head 39.52 dB against 40.05
+without FP8 attention, per-tensor 39.14, Sage-style 39.39; all pass the gate. On Hopper, cuDNN's
+FP8 SDPA writes its output in E4M3 too (a BF16 output is Blackwell-only in cuDNN 9.19), one more
+rounding.
 
-    >>> from omni_fp8 import fp8_attention_, unfp8_attention_
-    >>> fp8_attention_(pipe.transformer)          # backend="triton" (default) or "cudnn"
-    >>> image = pipe(prompt).images[0]
-    >>> unfp8_attention_(pipe.transformer)        # diffusers' attention again
-
-``fp8_attention_`` marks each attention processor's backend (diffusers' ``_attention_backend``)
-and routes diffusers' ``dispatch_attention_fn``, as the two transformer modules call it, through a
-function that sends marked processors here and every other call to diffusers unchanged. So it
-composes with ``fuse_blocks_`` in either order, ``set_attention_backend`` replaces it, and
-``torch.compile`` sees one custom op. Inference only (no backward), no context parallelism.
+    >>> out = fp8_attention(q, k, v, mask, backend="triton")   # [B, L, H, D] in and out
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
 from omni_fp8.converter.errors import ConfigError
-from torch import nn
 
-from .triton_kernels import HAVE_TRITON
+from omni_fp8.runtime.triton_kernels import HAVE_TRITON
 
 __all__ = [
     "BACKENDS",
     "MODES",
     "emulated_sdpa",
     "fp8_attention",
-    "fp8_attention_",
     "fp8_attention_reference",
     "quantize_qkv",
-    "unfp8_attention_",
 ]
 
 MODES = ("tensor", "head", "sage")
@@ -151,11 +146,11 @@ def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: 
     mask = _key_mask(attn_mask, q, k)
     if backend != "reference" and not torch.compiler.is_compiling():  # checked eagerly, not traced
         _check_device(q, backend)
-    return torch.ops.omni_fp8.fp8_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale),
+    return torch.ops.omni_fp8_lab.fp8_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale),
                                             backend)
 
 
-@torch.library.custom_op("omni_fp8::fp8_attention", mutates_args=())
+@torch.library.custom_op("omni_fp8_lab::fp8_attention", mutates_args=())
 def _fp8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                       backend: str) -> torch.Tensor:
     """``fp8_attention`` as one op for ``torch.compile`` (inputs checked by the caller)."""
@@ -554,106 +549,3 @@ def _quantize_per_tensor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 
 
 _CUDNN = _CudnnFp8()
-
-
-# --------------------------------------------------------------------------- the hook
-
-
-class Fp8AttentionBackend:
-    """What ``fp8_attention_`` puts in a processor's ``_attention_backend`` (diffusers' per-processor
-    backend choice): the FP8 kernel to run, and the backend it replaced, restored by
-    ``unfp8_attention_``."""
-
-    __slots__ = ("kernel", "previous")
-
-    def __init__(self, kernel: str, previous: object) -> None:
-        self.kernel = kernel
-        self.previous = previous
-
-    def __repr__(self) -> str:
-        return f"Fp8AttentionBackend({self.kernel!r})"
-
-
-def dispatch_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                       scale: float | None = None, enable_gqa: bool = False,
-                       attention_kwargs: dict[str, Any] | None = None, *, backend: Any = None,
-                       parallel_config: Any = None, _diffusers: Any = None) -> torch.Tensor:
-    """diffusers' ``dispatch_attention_fn``, except for processors marked by ``fp8_attention_``,
-    whose calls run ``fp8_attention``."""
-    if isinstance(backend, Fp8AttentionBackend):
-        if dropout_p or is_causal or enable_gqa or attention_kwargs or parallel_config is not None:
-            raise ConfigError("FP8 attention runs plain attention (no dropout, causal mask, grouped heads, extra "
-                              "kwargs or context parallelism); unfp8_attention_(model) for this call's model.")
-        return fp8_attention(query, key, value, attn_mask, scale=scale, backend=backend.kernel)
-    if _diffusers is None:
-        from diffusers.models.attention_dispatch import (
-            dispatch_attention_fn as _diffusers,
-        )
-    return _diffusers(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
-                      backend=backend, parallel_config=parallel_config)
-
-
-def _router(original: Any) -> Any:
-    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                              enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
-        return dispatch_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                  attention_kwargs, backend=backend, parallel_config=parallel_config,
-                                  _diffusers=original)
-
-    dispatch_attention_fn.omni_fp8_original = original
-    dispatch_attention_fn.__doc__ = original.__doc__
-    return dispatch_attention_fn
-
-
-def _route(processor: object) -> None:
-    """Make ``processor``'s module call ``dispatch_attention`` (once per module; inert for every
-    processor not marked)."""
-    from .fused_blocks import _FusedProcessor
-
-    if isinstance(processor, _FusedProcessor):  # ours call dispatch_attention directly
-        return
-    module = sys.modules.get(type(processor).__module__)
-    current = getattr(module, "dispatch_attention_fn", None)
-    if current is None:
-        raise ConfigError(f"fp8_attention_: {type(processor).__name__} does not call diffusers' "
-                          "dispatch_attention_fn from its module; this diffusers version is not supported.")
-    if not hasattr(current, "omni_fp8_original"):
-        module.dispatch_attention_fn = _router(current)
-
-
-def fp8_attention_(model: nn.Module, backend: str = "triton") -> nn.Module:
-    """Run every Qwen-Image / Z-Image attention of ``model`` with FP8 attention (module docstring);
-    returns ``model``. ``backend``: ``"triton"`` (per-head scales), ``"cudnn"`` (per-tensor) or
-    ``"reference"`` (the plain-torch emulation, any device). Calling it again switches the backend."""
-    from .fused_blocks import _attentions
-
-    if backend not in BACKENDS:
-        raise ConfigError(f"fp8_attention_: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
-    attentions = _attentions(model, "fp8_attention_")
-    if backend == "triton":
-        _need_triton()
-    elif backend == "cudnn":
-        _cudnn_module()
-    for name, attn, _ in attentions:  # all checked before any is changed
-        if getattr(attn.processor, "_parallel_config", None) is not None:
-            raise ConfigError(f"fp8_attention_: {name} runs context-parallel attention, which FP8 attention does "
-                              "not; choose one.")
-        _route(attn.processor)
-    for _, attn, _ in attentions:
-        processor = attn.processor
-        current = getattr(processor, "_attention_backend", None)
-        previous = current.previous if isinstance(current, Fp8AttentionBackend) else current
-        processor._attention_backend = Fp8AttentionBackend(backend, previous)
-    return model
-
-
-def unfp8_attention_(model: nn.Module) -> nn.Module:
-    """Undo ``fp8_attention_``: each processor gets back the attention backend it had; returns ``model``."""
-    from .fused_blocks import _attentions
-
-    for _, attn, _ in _attentions(model, "unfp8_attention_"):
-        current = getattr(attn.processor, "_attention_backend", None)
-        if isinstance(current, Fp8AttentionBackend):
-            attn.processor._attention_backend = current.previous
-    return model
