@@ -12,10 +12,10 @@ at most ``budget`` bytes ahead of the consumer (``reached``). For each tensor it
 which of its pages are in the page cache (``mincore``):
 
 * **Mostly on disk** (and the filesystem takes ``O_DIRECT``): it reads the tensor's bytes with
-  ``O_DIRECT`` into a buffer of its own, past the page cache, and hands that buffer to the
-  consumer (``take``). Buffers come back when the last tensor viewing them is freed and are reused,
-  so the kernel neither fills a page cache nor zeroes fresh memory for every tensor. The bytes the
-  thread holds ahead of the consumer stay within ``budget``; free buffers kept for reuse too.
+  ``O_DIRECT`` into a span of one ring buffer of its own, past the page cache, and hands that
+  span to the consumer (``take``). A span comes back when the last tensor viewing it is freed, so
+  the kernel neither fills a page cache nor zeroes fresh memory for every tensor, and the bytes
+  held (read ahead, or in the consumer's hands) stay within the ring's 256 MiB.
 * **Resident** (or a filesystem without ``O_DIRECT``, such as tmpfs): it asks the kernel for each
   8 MiB chunk (``posix_fadvise(WILLNEED)``) and, a few chunks behind, touches one byte of each
   page through a mapping of its own, so the consumer's mapping finds the pages resident and
@@ -48,8 +48,7 @@ from .safetensors_format import TensorInfo
 __all__ = ["Readahead", "DEFAULT_BUDGET"]
 
 DEFAULT_BUDGET = 512 << 20  # bytes read ahead of the consumer at most; 0 turns reading ahead off
-_DIRECT_AHEAD = 128 << 20  # of those, bytes held in the thread's own buffers (process memory, unlike page cache)
-_DIRECT_KEEP = 128 << 20  # free buffers kept for reuse, at most
+_RING = 256 << 20  # the one buffer O_DIRECT reads go into (process memory, unlike page cache)
 _CHUNK = 8 << 20  # one request to the kernel, one mapping to touch
 _DIRECT_REQUEST = 32 << 20  # one O_DIRECT read; the thread checks for ``close`` between them
 _IN_FLIGHT = 64 << 20  # asked for, not yet touched: what the disk has queued while the thread waits
@@ -101,11 +100,10 @@ class Readahead:
         self._done = False  # the thread has finished (or stopped): nothing more will be decided
         self._failure: BaseException | None = None
         self._decided: dict[_Key, torch.Tensor | None] = {}  # a read range's bytes; None: the consumer maps it
-        self._held = 0  # bytes of the thread's buffers read ahead and not yet taken by the consumer
-        self._buffers = _Buffers(keep=_DIRECT_KEEP)
-        self._direct_ahead = min(budget, _DIRECT_AHEAD)
+        self._ring = _Ring(min(budget, _RING), self._freed)
         self.peak_ahead = 0  # the most bytes ever asked for past the consumer: at most ``budget``
         self.direct_bytes = 0  # bytes read past the page cache
+        self.own_buffers = 0  # reads the ring had no room for (the consumer was waiting for them)
         self._thread = threading.Thread(target=self._run, name="omni-fp8-readahead", daemon=True)
         self._thread.start()
 
@@ -138,8 +136,6 @@ class Readahead:
             self._reads[key] -= 1
             if self._reads[key] <= 0:  # its last read: the consumer holds the only reference
                 self._decided[key] = None
-                self._held -= got.numel()
-                self._cond.notify_all()
             return got[info.begin % _ALIGN:][: info.nbytes]
 
     def close(self) -> None:
@@ -150,8 +146,12 @@ class Readahead:
         self._thread.join()
         with self._cond:
             self._decided.clear()  # buffers nobody took go back (the consumer keeps what it took)
-            self._held = 0
-        self._buffers.clear()
+        self._ring.close()
+
+    def _freed(self) -> None:
+        """Ring space came back (a tensor was freed, in whichever thread): the thread may read on."""
+        with self._cond:
+            self._cond.notify_all()
 
     # --- the thread --------------------------------------------------------------------------------
 
@@ -203,29 +203,36 @@ class Readahead:
     def _decide(self, key: _Key, data: torch.Tensor | None) -> None:
         with self._cond:
             self._decided[key] = data
-            if data is not None:
-                self._held += data.numel()
             self._cond.notify_all()
 
-    def _wait_for_room(self, ahead: int, asked: deque[tuple[int, int, int, int]], *, holding: int = 0) -> bool:
-        """Wait until reading up to ``ahead`` (into ``holding`` bytes of buffer) is within the budget,
-        touching what is on its way meanwhile; False on close.
-
-        A range the consumer has reached goes at once: it is waiting for it (or past it).
-        """
+    def _wait_for_room(self, ahead: int, asked: deque[tuple[int, int, int, int]]) -> bool:
+        """Wait until reading up to ``ahead`` is within the budget, touching what is on its way
+        meanwhile; False on close. A range the consumer has reached goes at once."""
         while True:
             with self._cond:
                 if self._stop:
                     return False
-                if ahead <= self._taken:
-                    return True
-                if ahead <= self._taken + self.budget and (
-                        not holding or not self._held or self._held + holding <= self._direct_ahead):
+                if ahead <= self._taken + self.budget:
                     return True
                 if not asked:
                     self._cond.wait()
                     continue
             self._touch(*asked.popleft())
+
+    def _lend(self, ahead: int, length: int) -> tuple[torch.Tensor, int] | None:
+        """Ring space for ``length`` bytes, waiting for the consumer to free some while it is not
+        waiting for this range itself (then a buffer of its own); ``None`` on close."""
+        with self._cond:  # a free notifies under this lock, so none is missed between trying and waiting
+            while True:
+                lent = self._ring.lend(length)
+                if lent is not None:
+                    return lent
+                if self._stop:
+                    return None
+                if ahead <= self._taken:  # the consumer waits for it: never wait on the consumer
+                    self.own_buffers += 1
+                    return _own_buffer(length)
+                self._cond.wait()  # woken by a free and by the consumer reaching a range
 
     def _read_direct(self, key: _Key, fd: int, asked: deque[tuple[int, int, int, int]]) -> bool:
         """Read one range with ``O_DIRECT`` into a buffer for ``take``; False when closed."""
@@ -233,13 +240,16 @@ class Readahead:
         ahead = self._end_of[key]
         start = begin - begin % _ALIGN
         length = -(-(end - start) // _ALIGN) * _ALIGN
-        if not self._wait_for_room(ahead, asked, holding=length):
+        if not self._wait_for_room(ahead, asked):
+            return False
+        lent = self._lend(ahead, length)
+        if lent is None:
             return False
         if ahead < self._taken:  # the consumer is past it and mapped it itself
             self._decide(key, None)
             return True
+        buffer, address = lent
         self.peak_ahead = max(self.peak_ahead, ahead - self._taken)
-        buffer, address = self._buffers.lend(length)
         got = 0
         try:
             while got < end - start:
@@ -296,62 +306,78 @@ class Readahead:
             region.close()
 
 
-class _Buffers:
-    """Page-aligned buffers for ``O_DIRECT`` reads, reused once every tensor viewing one is freed.
+class _Ring:
+    """One page-aligned buffer that ``O_DIRECT`` reads fill front to back, reused as tensors die.
 
     A fresh 75 MB buffer per tensor costs the kernel a zeroed page per 4 KiB (measured: 2 s of
-    system time for 5.5 GB, and 1.0 instead of 1.56 GB/s). A lent buffer is a ctypes array over
-    pool memory: torch's tensor keeps it alive through its storage, whatever views are taken of it,
-    and its finaliser returns the memory here when the last one goes (in whichever thread). At
-    most ``keep`` bytes of free buffers are kept; sizes are rounded up to eighths of a power of
-    two, so a buffer serves tensors within 12.5% of its size.
+    system time for 5.5 GB, and 1.0 instead of 1.56 GB/s); this buffer is faulted in once. Each
+    read gets the first free span at or after the previous one, wrapping around, as a stream
+    consumes them; a span the consumer keeps longer is stepped over. A lent span is a ctypes
+    array over the buffer, which torch's tensor keeps alive through its storage whatever views
+    are taken, and whose finaliser (in whichever thread frees the last view) frees the span. The
+    bytes lent never exceed ``capacity``.
     """
 
-    def __init__(self, *, keep: int) -> None:
-        self.keep = keep
-        self._lock = threading.Lock()
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._free_bytes = 0
+    def __init__(self, capacity: int, on_free: Callable[[], None]) -> None:
+        self.capacity = capacity - capacity % _ALIGN
+        self._on_free = on_free
+        self._lock = threading.RLock()  # a span freed by a garbage collection that runs while lending
+        self._memory: torch.Tensor | None = None
+        self._base = 0
+        self._live: dict[int, int] = {}  # start -> end of each lent span
+        self._cursor = 0  # where the last span ended: the next is placed from here on
         self._closed = False
-        self.allocated = 0  # buffers made, not reused
 
-    def lend(self, length: int) -> tuple[torch.Tensor, int]:
-        """A uint8 tensor of ``length`` bytes at an aligned address, and that address."""
-        size = _size_class(length)
+    def lend(self, length: int) -> tuple[torch.Tensor, int] | None:
+        """A uint8 tensor of ``length`` bytes (a multiple of the alignment) and its address, or
+        ``None`` when the ring has no room for it now."""
         with self._lock:
-            pool = self._free.get(size)
-            memory = pool.pop() if pool else None
-            if memory is not None:
-                self._free_bytes -= size
-        if memory is None:
-            memory = torch.empty(size + _ALIGN, dtype=torch.uint8)
-            self.allocated += 1
-        address = memory.data_ptr() + (-memory.data_ptr()) % _ALIGN
-        window = (ctypes.c_char * length).from_address(address)
-        weakref.finalize(window, self._give_back, memory, size)
-        return torch.frombuffer(window, dtype=torch.uint8), address
+            start = self._place(length)
+            if start is None:
+                return None
+            if self._memory is None:
+                self._memory = torch.empty(self.capacity + _ALIGN, dtype=torch.uint8)
+                self._base = self._memory.data_ptr() + (-self._memory.data_ptr()) % _ALIGN
+            self._live[start] = self._cursor = start + length
+        window = (ctypes.c_char * length).from_address(self._base + start)
+        weakref.finalize(window, self._give_back, start, self._memory)  # the memory lives while a span does
+        return torch.frombuffer(window, dtype=torch.uint8), self._base + start
 
-    def _give_back(self, memory: torch.Tensor, size: int) -> None:
-        if sys.is_finalizing():
-            return
+    def _place(self, length: int) -> int | None:
+        """The first gap of ``length`` bytes from the cursor on, wrapping around once."""
+        if self._closed or length > self.capacity:
+            return None
+        spans = sorted(self._live.items())
+        gaps = []
+        previous = 0
+        for start, end in spans:
+            gaps.append((previous, start))
+            previous = end
+        gaps.append((previous, self.capacity))
+        for lo, hi in sorted(gaps, key=lambda gap: (gap[1] <= self._cursor, gap[0])):
+            lo = max(lo, self._cursor) if hi > self._cursor >= lo else lo
+            if hi - lo >= length:
+                return lo
+        return None
+
+    def _give_back(self, start: int, _memory: torch.Tensor) -> None:
         with self._lock:
-            if not self._closed and self._free_bytes + size <= self.keep:
-                self._free.setdefault(size, []).append(memory)
-                self._free_bytes += size
+            self._live.pop(start, None)
+        if not sys.is_finalizing():
+            self._on_free()
 
-    def clear(self) -> None:
-        """Free what is kept; buffers still lent are freed, not kept, when they come back."""
+    def close(self) -> None:
+        """Lend no more; the memory goes when the last lent span does."""
         with self._lock:
             self._closed = True
-            self._free.clear()
-            self._free_bytes = 0
+            self._memory = None
 
 
-def _size_class(length: int) -> int:
-    """``length`` rounded up to 8..15 times a power of two (at least one page)."""
-    length = max(length, _ALIGN)
-    step = 1 << max(length.bit_length() - 4, 0)
-    return -(-length // step) * step
+def _own_buffer(length: int) -> tuple[torch.Tensor, int]:
+    """A buffer outside the ring (aligned), for a read the consumer waits for when the ring is full."""
+    memory = torch.empty(length + _ALIGN, dtype=torch.uint8)
+    offset = (-memory.data_ptr()) % _ALIGN
+    return memory[offset:offset + length], memory.data_ptr() + offset
 
 
 def _open_direct(path: Path) -> int:
