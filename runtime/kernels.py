@@ -226,8 +226,9 @@ def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv
     quantize = quantize_activation_static_cuda if HAVE_TRITON else quantize_activation_static
     per_tensor = scale.dim() == 0
     scale_b = scale if per_tensor else gemm_scale
-    # Row-wise GEMMs take the activation scale once per row: made once per row count, not per call
-    # (a step's calls share a few row counts), and again whenever the scale is written in place.
+    # Row-wise GEMMs take the activation scale once per row: kept for the last row count (a layer
+    # sees one per resolution: the image or the text stream's tokens) instead of made per call,
+    # and made again when the row count changes or the scale is written in place.
     rows: list = [-1, -1, None]  # row count, input_scale's version, the [M, 1] scale
 
     def row_scales(m: int) -> torch.Tensor:
