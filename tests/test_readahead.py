@@ -165,12 +165,15 @@ def nan_in_a_late_weight(src: Path) -> None:
         f.write(struct.pack("<H", 0x7FC0))  # a BF16 NaN, the sixth element
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
 @pytest.mark.parametrize("damage", [truncate_a_shard, damage_a_header, nan_in_a_late_weight, "shrinks after planning"])
 def test_errors_read_the_same_with_and_without_readahead(copy_of, qwen_src, tmp_path, monkeypatch, small_steps,
-                                                         damage):
+                                                         damage, direct, request):
+    if direct:
+        request.getfixturevalue("force_direct")  # every tensor read past the page cache
     src = copy_of(qwen_src)
     errors = []
-    for budget in (0, 4 * PAGE):
+    for budget in (0, 4 * PAGE if not direct else readahead.DEFAULT_BUDGET):
         monkeypatch.setattr(readahead, "DEFAULT_BUDGET", budget)
         out = tmp_path / f"out-{budget}"
         with pytest.raises(OmniFp8Error) as e:
@@ -419,30 +422,3 @@ def test_a_failed_direct_read_falls_back_to_the_mapping(qwen_src, tmp_path, monk
     monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 0)
     convert(qwen_src, tmp_path / "ref", progress=False)
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "ref")
-
-
-@pytest.mark.parametrize("damage", [nan_in_a_late_weight, "shrinks after planning"])
-def test_errors_read_the_same_past_the_page_cache(copy_of, qwen_src, tmp_path, monkeypatch, force_direct, damage):
-    src = copy_of(qwen_src)
-    errors = []
-    for budget in (0, readahead.DEFAULT_BUDGET):
-        monkeypatch.setattr(readahead, "DEFAULT_BUDGET", budget)
-        out = tmp_path / f"out-{budget}"
-        with pytest.raises(OmniFp8Error) as e:
-            if damage == "shrinks after planning":
-                plan = make_plan(open_source(src), Fp8Config())
-                shard = sorted(src.glob("*.safetensors"))[-1]
-                size = shard.stat().st_size
-                truncate_a_shard(src)
-                try:
-                    execute(plan, out, progress=False)
-                finally:
-                    os.truncate(shard, size)
-            else:
-                if budget == 0:
-                    damage(src)
-                convert(src, out, progress=False)
-        errors.append((type(e.value), str(e.value).replace(str(out), "OUT")))
-        assert not out.exists()
-    assert errors[0] == errors[1]
-    assert not readahead_threads()
