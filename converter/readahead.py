@@ -101,6 +101,7 @@ class Readahead:
         self._failure: BaseException | None = None
         self._decided: dict[_Key, torch.Tensor | None] = {}  # a read range's bytes; None: the consumer maps it
         self._ring = _Ring(min(budget, _RING), self._freed)
+        self._mapped_only: set[Path] = set()  # files whose O_DIRECT reads the filesystem refused
         self.peak_ahead = 0  # the most bytes ever asked for past the consumer: at most ``budget``
         self.direct_bytes = 0  # bytes read past the page cache
         self.own_buffers = 0  # reads the ring had no room for (the consumer was waiting for them)
@@ -188,7 +189,7 @@ class Readahead:
         for key in self._ranges:
             path, begin, end = key
             fds = self._open(files, path)
-            direct = fds is not None and fds[1] >= 0 and end - begin >= _DIRECT_MIN
+            direct = fds is not None and fds[1] >= 0 and end - begin >= _DIRECT_MIN and path not in self._mapped_only
             if direct and _resident_fraction(fds[0], begin, end) < _RESIDENT_ENOUGH:
                 if not self._read_direct(key, fds[1], asked):
                     return
@@ -260,8 +261,10 @@ class Readahead:
                 if read <= 0:
                     break  # the file is shorter than its header says: the consumer will say so
                 got += read
-        except OSError:
+        except OSError as e:
             got = 0  # an I/O error: the consumer's own read reports it
+            if e.errno == errno.EINVAL:  # the device wants larger alignment: this file goes through the page cache
+                self._mapped_only.add(key[0])
         if got < end - start:
             self._decide(key, None)
         else:

@@ -422,3 +422,38 @@ def test_a_failed_direct_read_falls_back_to_the_mapping(qwen_src, tmp_path, monk
     monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 0)
     convert(qwen_src, tmp_path / "ref", progress=False)
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "ref")
+
+
+def test_loading_reads_past_the_page_cache_to_the_same_model(qwen_src, tmp_path, monkeypatch, force_direct):
+    # load_transformer reads through the same reader: a converted folder and a BF16 source, each
+    # loaded with every tensor read past the page cache, give the model the mapped reads give.
+    from omni_fp8 import load_transformer
+
+    monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 0)
+    convert(qwen_src, tmp_path / "out", progress=False)
+    expected = [load_transformer(tmp_path / "out", progress=False).state_dict(),
+                load_transformer(qwen_src, quantization="fp8", progress=False).state_dict()]
+    monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 512 << 20)
+    got = [load_transformer(tmp_path / "out", progress=False).state_dict(),
+           load_transformer(qwen_src, quantization="fp8", progress=False).state_dict()]
+    assert len(force_direct) == 2 and all(ra.direct_bytes > 0 for ra in force_direct)
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+    assert not readahead_threads()
+
+
+def test_a_file_whose_direct_reads_are_refused_goes_through_the_page_cache(qwen_src, tmp_path, monkeypatch,
+                                                                         force_direct):
+    calls = []
+
+    def refusing(fd, buffers, offset):
+        calls.append(offset)
+        raise OSError(22, "Invalid argument")  # a device that wants more than 4 KiB alignment
+
+    monkeypatch.setattr(readahead.os, "preadv", refusing)
+    convert(qwen_src, tmp_path / "out", progress=False)
+    shards = len(open_source(qwen_src).shards)
+    assert 0 < len(calls) <= shards  # one refusal per file, then the page cache
+    monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 0)
+    convert(qwen_src, tmp_path / "ref", progress=False)
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "ref")
