@@ -190,6 +190,7 @@ def test_fused_compiles_fullgraph(scheme):
         torch._dynamo.reset()
         model = build("qwen-image", scheme)
         args_, kwargs = inputs("qwen-image", model)
+        kwargs["encoder_hidden_states_mask"] = None  # the processors alone (fusing drops a full mask: its own test)
         if fuse:
             fuse_blocks_(model)
         model.compile_repeated_blocks(fullgraph=True)
@@ -204,6 +205,49 @@ def test_fused_compiles_fullgraph(scheme):
         assert torch.equal(fused, unfused)
     else:
         assert ((fused.float() - unfused.float()).norm() / unfused.float().norm()).item() < 0.02
+
+
+def test_a_text_mask_that_masks_nothing_is_dropped_once_per_mask():
+    """Qwen-Image's all-True text mask becomes None before the model runs (SDPA's fast kernel):
+    exactly the fused model without a mask, and within BF16 rounding of the unfused model with
+    the mask (SDPA takes another kernel); the mask is read from the device once per tensor and
+    version; a mask with padding is kept; unfusing removes the hook."""
+    from omni_fp8.runtime.fused_blocks import _MASK_HOOK
+
+    def close(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+    model = build("qwen-image", "bf16")
+    args_, kwargs = inputs("qwen-image", model, batch=2)
+    full = kwargs["encoder_hidden_states_mask"]
+    padded = full.clone()
+    padded[1, 5:] = False
+    masked = run(model, args_, kwargs)
+    masked_padded = run(model, args_, {**kwargs, "encoder_hidden_states_mask": padded})
+    fuse_blocks_(model)
+    fuse_blocks_(model)  # again: one hook
+    dropper = model._forward_pre_hooks[model.__dict__[_MASK_HOOK].id]
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("encoder_hidden_states_mask")),
+                                    with_kwargs=True)
+    unmasked = run(model, args_, {**kwargs, "encoder_hidden_states_mask": None})
+    assert close(unmasked, masked)
+    for _ in range(3):
+        assert torch.equal(run(model, args_, kwargs), unmasked)
+    assert dropper.reads == 1 and seen[1:] == [None] * 3
+    assert close(run(model, args_, {**kwargs, "encoder_hidden_states_mask": padded}), masked_padded)
+    assert dropper.reads == 2 and seen[-1] is padded
+    with torch.no_grad():
+        padded[1, 5:] = True  # written in place: read again, now full
+    assert torch.equal(run(model, args_, {**kwargs, "encoder_hidden_states_mask": padded}), unmasked)
+    assert dropper.reads == 3 and seen[-1] is None
+    rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "encoder_hidden_states",
+                                                         "encoder_hidden_states_mask")}
+    assert torch.equal(run(model, (kwargs["hidden_states"], kwargs["encoder_hidden_states"], full), rest), unmasked)
+    unfuse_blocks_(model)
+    assert _MASK_HOOK not in model.__dict__ and len(model._forward_pre_hooks) == 1  # the test's own
+    run(model, args_, kwargs)
+    assert seen[-1] is full
 
 
 def test_refuses_lora_adapters_before_changing_anything():
