@@ -23,7 +23,10 @@ def test_profile_step_smoke_on_cpu(tmp_path, model, capsys):
     for run in result["runs"]:
         assert set(run["categories"]) == set(profile_step.CATEGORIES)
         assert run["kernel_ms"] == pytest.approx(sum(run["categories"].values()))
-        assert run["categories"]["gemm"] > 0 and run["categories"]["attention"] > 0
+        # found in the profiled blocks (the full-depth figure extrapolates two CPU timings, whose
+        # difference a busy machine can make negative)
+        with_blocks = run["measured"]["with"]["categories"]
+        assert with_blocks["gemm"] > 0 and with_blocks["attention"] > 0
         assert any("scaled_dot_product" in op for op in run["sdpa_ops"])  # the backend that ran, by name
         assert run["depth"] == (60 if model == "qwen-image" else 30) and run["blocks"] == 2
         measured = run["measured"]
