@@ -79,28 +79,10 @@ def sdpa(q, k, v, mask, backend=None):
 
 
 def median_ms(fn, warmup: int, repeat: int, inner: int) -> tuple[float, float, float]:
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():  # the CPU smoke test (tests/test_attention_fp8.py)
-        import time
+    """min, median and max of ``step_speed.sample_ms``."""
+    from step_speed import sample_ms  # bench/, beside this script
 
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times.append((time.perf_counter() - start) * 1e3 / inner)
-        return min(times), statistics.median(times), max(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
+    times = sample_ms(fn, warmup, repeat, inner)
     return min(times), statistics.median(times), max(times)
 
 

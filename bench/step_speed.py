@@ -140,16 +140,24 @@ def output(result) -> torch.Tensor:
     return torch.stack(out) if isinstance(out, (list, tuple)) else out
 
 
-def median_ms(fn, warmup: int, repeat: int, inner: int = 1) -> float:
-    """Median over ``repeat`` samples of the mean time of ``inner`` back-to-back calls.
+def sample_ms(fn, warmup: int, repeat: int, inner: int = 1) -> list[float]:
+    """``repeat`` samples of the mean time of ``inner`` back-to-back calls, after ``warmup`` calls:
+    CUDA events on a GPU, the wall clock without one (the benches' CPU smoke tests).
 
     Back-to-back calls let the GPU run ahead of the launches, as inside a forward; a single
     synchronised call would time the launch latency instead of the kernel.
     """
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
+    if not torch.cuda.is_available():
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - start) * 1e3 / inner)
+        return times
+    torch.cuda.synchronize()
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -158,7 +166,12 @@ def median_ms(fn, warmup: int, repeat: int, inner: int = 1) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn, warmup: int, repeat: int, inner: int = 1) -> float:
+    """The median of ``sample_ms``."""
+    return statistics.median(sample_ms(fn, warmup, repeat, inner))
 
 
 def time_model(model, args_, kwargs, mode: str, warmup: int, repeat: int) -> tuple[float, float, torch.Tensor]:
