@@ -226,8 +226,9 @@ def time_model(model, args_, kwargs, mode: str, warmup: int, repeat: int) -> tup
 
 def _compile_inside_graphs(model) -> list:
     """``enable_cuda_graphs`` with each block's own forward compiled (Inductor, fullgraph) inside
-    the graph hook: the graphs replay the compiled kernels, so the compiled step loses its launch
-    gaps. Returns the blocks' forwards to put back."""
+    the graph hook: the graphs replay the compiled kernels, which would remove the compiled step's
+    launch gaps if it had any (measured on an H200: no faster, bench/RESULTS.md). Returns the
+    blocks' forwards to put back."""
     from diffusers.hooks import HookRegistry
     from omni_fp8.runtime.cuda_graphs import HOOK_NAME, enable_cuda_graphs, repeated_blocks
 
