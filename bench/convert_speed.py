@@ -33,7 +33,6 @@ tensor at a time), not the page cache it does not map.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import mmap
 import os
@@ -115,30 +114,17 @@ def evict(folder: Path) -> int:
 
 
 def resident_bytes(path: Path) -> int:
-    """How much of a file is in the page cache (``mincore`` of a mapping of it; Linux)."""
+    """How much of a file is in the page cache (the converter's own ``mincore`` check; Linux)."""
+    from omni_fp8.converter.readahead import resident_fraction
+
     size = path.stat().st_size
     if size == 0:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    pages = -(-size // mmap.PAGESIZE)
-    vec = ctypes.create_string_buffer(pages)
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap {path}")
-        try:
-            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore {path}")
-        finally:
-            libc.munmap(ctypes.c_void_p(addr), size)
+        return round(resident_fraction(fd, 0, size) * size)
     finally:
         os.close(fd)
-    return sum(b & 1 for b in vec.raw) * mmap.PAGESIZE
 
 
 def disk_bandwidth(read_path: Path, scratch: Path, write_bytes: int = 2 << 30) -> tuple[float, float]:

@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 
 from .safetensors_format import TensorInfo
+from .sink import DIRECT_ALIGN as _ALIGN
 
-__all__ = ["Readahead", "DEFAULT_BUDGET"]
+__all__ = ["Readahead", "DEFAULT_BUDGET", "resident_fraction"]
 
 DEFAULT_BUDGET = 512 << 20  # bytes read ahead of the consumer at most; 0 turns reading ahead off
 _RING = 256 << 20  # the one buffer O_DIRECT reads go into (process memory, unlike page cache)
@@ -55,7 +56,6 @@ _IN_FLIGHT = 64 << 20  # asked for, not yet touched: what the disk has queued wh
 _DIRECT_MIN = 1 << 20  # smaller tensors go through the page cache: one O_DIRECT request each would cost more
 _RESIDENT_ENOUGH = 0.8  # a tensor this much in the page cache is mapped, not read again from the disk
 _PAGE = mmap.PAGESIZE
-_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the device's block size
 _ADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: touching alone still overlaps
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere every range goes through the page cache
 
@@ -190,7 +190,7 @@ class Readahead:
             path, begin, end = key
             fds = self._open(files, path)
             direct = fds is not None and fds[1] >= 0 and end - begin >= _DIRECT_MIN and path not in self._mapped_only
-            if direct and _resident_fraction(fds[0], begin, end) < _RESIDENT_ENOUGH:
+            if direct and resident_fraction(fds[0], begin, end) < _RESIDENT_ENOUGH:
                 if not self._read_direct(key, fds[1], asked):
                     return
             else:
@@ -395,8 +395,9 @@ def _open_direct(path: Path) -> int:
         raise
 
 
-def _resident_fraction(fd: int, begin: int, end: int) -> float:
-    """How much of ``[begin, end)`` of a file is in the page cache (``mincore``); 1.0 when unknown."""
+def resident_fraction(fd: int, begin: int, end: int) -> float:
+    """How much of ``[begin, end)`` of an open file is in the page cache (``mincore``); 1.0 when
+    it cannot be told (not Linux, or the mapping failed), which leaves the range to the mapped path."""
     if _LIBC is None:
         return 1.0
     start = begin - begin % mmap.ALLOCATIONGRANULARITY

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FileSink", "BackgroundHash"]
+__all__ = ["FileSink", "BackgroundHash", "DIRECT_ALIGN"]
 
-_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the device's block size
+DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the device's block size
 _STAGING_BYTES = 16 << 20
 
 
@@ -95,7 +95,7 @@ class FileSink:
             return
         try:
             if self.direct and self._fill:
-                padded = -(-self._fill // _ALIGN) * _ALIGN
+                padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
                 self._staging[self._fill : padded].zero_()
                 self._flush(padded)
                 os.ftruncate(self._fd, self.size)

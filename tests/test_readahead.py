@@ -281,7 +281,7 @@ def force_direct(monkeypatch, tmp_path):
     """Every tensor read with O_DIRECT as if it were on disk, in one-page requests."""
     if not direct_supported(tmp_path):
         pytest.skip("this filesystem has no O_DIRECT")
-    monkeypatch.setattr(readahead, "_resident_fraction", lambda fd, begin, end: 0.0)
+    monkeypatch.setattr(readahead, "resident_fraction", lambda fd, begin, end: 0.0)
     monkeypatch.setattr(readahead, "_DIRECT_MIN", 1)
     monkeypatch.setattr(readahead, "_DIRECT_REQUEST", PAGE)
     made: list[readahead.Readahead] = []
@@ -355,7 +355,7 @@ def test_a_cold_file_is_read_past_the_page_cache(tmp_path, monkeypatch):
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if readahead._resident_fraction(fd, 0, path.stat().st_size) > 0.5:
+        if readahead.resident_fraction(fd, 0, path.stat().st_size) > 0.5:
             pytest.skip("the page cache kept the file")
     finally:
         os.close(fd)
@@ -457,3 +457,24 @@ def test_a_file_whose_direct_reads_are_refused_goes_through_the_page_cache(qwen_
     monkeypatch.setattr(readahead, "DEFAULT_BUDGET", 0)
     convert(qwen_src, tmp_path / "ref", progress=False)
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "ref")
+
+
+def test_a_tensor_larger_than_the_ring_gets_a_buffer_of_its_own(tmp_path, force_direct):
+    # The thread never waits on the consumer for a range the consumer is waiting for: with no
+    # room in the ring, that read goes into a buffer of its own.
+    path = tmp_path / "w.safetensors"
+    one_file_checkpoint(path, tensors=4, pages=8)
+    infos = list(read_header(path).tensors.values())
+    expected = load_file(path)
+    ra = readahead.Readahead(infos, budget=4 * PAGE)  # a ring smaller than one tensor
+    try:
+        got = {}
+        for info in infos:
+            ra.reached(info)
+            data = ra.take(info)
+            assert data is not None
+            got[info.name] = data.view(info.torch_dtype).reshape(info.shape)
+    finally:
+        ra.close()
+    assert ra.own_buffers == len(infos) and ra.direct_bytes == sum(i.nbytes for i in infos)
+    assert all(same_bits(got[k], expected[k]) for k in expected)
