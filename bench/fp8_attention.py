@@ -233,10 +233,8 @@ if HAVE_TRITON:
         return tl.where(amax > 0.0, tl.maximum(tl.math.div_rn(amax, FP8_LIMIT), MIN_SCALE), 1.0)
 
     @triton.jit
-    def _amax_kernel(x_ptr, amax_ptr, L, H, stride_b, stride_l, stride_h, amax_stride, BLOCK_L: tl.constexpr,
-                     D: tl.constexpr):
-        """amax over tokens and channels of one (batch item, head) (``amax_stride`` 0: of the whole
-        tensor), from BLOCK_L-token chunks."""
+    def _head_chunk(x_ptr, L, H, stride_b, stride_l, stride_h, BLOCK_L: tl.constexpr, D: tl.constexpr):
+        """This program's (batch item, head) and its BLOCK_L-token chunk of ``x`` (zeros past L)."""
         bh = tl.program_id(0)
         b = bh // H
         h = bh % H
@@ -244,6 +242,14 @@ if HAVE_TRITON:
         cols = tl.arange(0, D)
         base = x_ptr + b.to(tl.int64) * stride_b + h * stride_h
         x = tl.load(base + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=rows[:, None] < L, other=0.0)
+        return bh, rows, cols, x
+
+    @triton.jit
+    def _amax_kernel(x_ptr, amax_ptr, L, H, stride_b, stride_l, stride_h, amax_stride, BLOCK_L: tl.constexpr,
+                     D: tl.constexpr):
+        """amax over tokens and channels of one (batch item, head) (``amax_stride`` 0: of the whole
+        tensor), from BLOCK_L-token chunks."""
+        bh, rows, cols, x = _head_chunk(x_ptr, L, H, stride_b, stride_l, stride_h, BLOCK_L, D)
         tl.atomic_max(amax_ptr + bh * amax_stride, tl.max(tl.max(tl.abs(x.to(tl.float32)), axis=1), axis=0))
 
     @triton.jit
@@ -251,13 +257,7 @@ if HAVE_TRITON:
                          out_stride_l, out_stride_d, BLOCK_L: tl.constexpr, D: tl.constexpr, FP8_LIMIT: tl.constexpr,
                          MIN_SCALE: tl.constexpr):
         """E4M3 codes of one (batch item, head) chunk with its scale; rows from L to L_OUT (padding) get 0."""
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        cols = tl.arange(0, D)
-        base = x_ptr + b.to(tl.int64) * stride_b + h * stride_h
-        x = tl.load(base + rows[:, None].to(tl.int64) * stride_l + cols[None, :], mask=rows[:, None] < L, other=0.0)
+        bh, rows, cols, x = _head_chunk(x_ptr, L, H, stride_b, stride_l, stride_h, BLOCK_L, D)
         scale = _scale_of(tl.load(amax_ptr + bh * amax_stride), FP8_LIMIT, MIN_SCALE)
         q = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -FP8_LIMIT), FP8_LIMIT)
         out = out_ptr + bh.to(tl.int64) * out_stride_bh + rows[:, None] * out_stride_l + cols[None, :] * out_stride_d
