@@ -200,11 +200,6 @@ class Fp8Config:
             return value
         return cls.from_dict(value)
 
-    def with_ignored(self, patterns: Iterable[str]) -> Fp8Config:
-        """A copy with ``patterns`` appended (a preset's, say), keeping order and dropping repeats."""
-        merged = tuple(dict.fromkeys((*self.ignored_layers, *patterns)))
-        return dataclasses.replace(self, ignored_layers=merged)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
