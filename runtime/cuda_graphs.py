@@ -54,7 +54,9 @@ def enable_cuda_graphs(model: nn.Module) -> nn.Module:
 
     Works for any diffusers transformer with ``_repeated_blocks`` (FP8 or not). Apply it before
     caches (a cache's decisions must run around the graph, not inside it) and not together with
-    ``torch.compile`` (use ``mode="reduce-overhead"`` there). Undo with ``disable_cuda_graphs``.
+    ``torch.compile``: a compiled step is not launch-bound, and graphs around compiled blocks
+    measured no faster (Inductor's ``mode="reduce-overhead"`` fails with ``compile_repeated_blocks``:
+    bench/RESULTS.md). Undo with ``disable_cuda_graphs``.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"enable_cuda_graphs takes a torch model, not {type(model).__name__}.")
