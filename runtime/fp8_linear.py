@@ -206,7 +206,7 @@ class Fp8Linear(nn.Module):
             if self._eager is not None and x.dtype == torch.bfloat16:
                 return self._eager(x)
         return fp8_linear(x, self.weight, self.scale, self.bias, self.block_size, self._gemm_fn,
-                          self._buffers.get("gemm_scale"), self._parameters.get("input_scale"))
+                          self._buffers.get("gemm_scale"), self._parameters.get("input_scale"), self._fast_accum)
 
     def extra_repr(self) -> str:
         block = f"{self.block_size[0]}x{self.block_size[1]}" if self.block_size else None

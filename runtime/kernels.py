@@ -15,9 +15,10 @@
 Per-tensor weights pair with per-token activation scales; block weights ``(bn, bk)`` with
 per-token, per-``bk``-column-group activation scales. A layer with a calibrated ``input_scale``
 (static activations) quantizes with that one scale instead (no reduction; one Triton launch on a
-GPU, plain tensor ops under torch.compile and elsewhere): a
-per-tensor GEMM for per-tensor weights, the row-wise or block GEMM with the scale repeated for
-per-channel or block weights. With at most 16 rows (the modulation
+GPU, plain tensor ops under torch.compile and elsewhere): for per-tensor weights a scalar-scaled
+GEMM where K > N and the row-wise one with the scales repeated elsewhere (whichever measured
+faster at that shape), the row-wise or block GEMM with the scale repeated for per-channel or
+block weights. With at most 16 rows (the modulation
 Linears) a Triton GEMV reads the FP8 weight with BF16 activations instead.
 """
 
@@ -130,11 +131,16 @@ def fp8_linear(
     mm: Callable | None,
     gemm_scale: torch.Tensor | None,
     input_scale: torch.Tensor | None = None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``x @ dequant(weight).T + bias`` with FP8 activations; output in ``x.dtype``.
 
     ``mm`` and ``gemm_scale`` (``gemm_for``, ``gemm_scale_layout``) are the FP8 GEMM and its weight scale;
     ``None`` means emulate. ``input_scale`` (0-dim float32) makes the activations static.
+    ``fast_accum`` is the layer's own flag (``gemm_for`` already built it into ``mm``): the static
+    path calls ``_scaled_mm`` itself and takes it from here, a plain bool that ``torch.compile``
+    reads as a constant, where comparing ``mm`` with the fast GEMM by identity is not kept by
+    tracing (measured: a compiled static layer ran with exact accumulation).
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -143,8 +149,7 @@ def fp8_linear(
         if x2.shape[0] <= GEMV_MAX_ROWS and gemv_supports(block_size):
             y = _small_m(x2, weight, scale, bias, block_size)
         elif input_scale is not None:
-            y = _static_mm(x2, input_scale, weight, scale, bias, block_size, mm, gemm_scale,
-                           fast_accum=mm is _rowwise_mm_fast)
+            y = _static_mm(x2, input_scale, weight, scale, bias, block_size, mm, gemm_scale, fast_accum)
         else:
             xq, xs = _shared_quantize(x, x2, group)
             y = mm(xq, xs, weight, gemm_scale, bias)
@@ -165,7 +170,7 @@ def _static_mm(x2, input_scale, weight, scale, bias, block_size, mm, gemm_scale,
     m = x2.shape[0]
     xq = _quantize_static(x2, input_scale)
     if block_size is None:
-        if scale.dim() == 0:
+        if scale.dim() == 0 and per_tensor_gemm_faster(*weight.shape):
             return torch._scaled_mm(xq, weight.t(), scale_a=input_scale, scale_b=scale,
                                     bias=None if bias is None else bias.to(torch.bfloat16),
                                     out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
@@ -220,11 +225,12 @@ def eager_linear(layer) -> Callable | None:
 
 def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv, fast) -> Callable:
     """``eager_linear``'s closure for a layer with a calibrated ``input_scale``: no amax
-    reduction, and for per-tensor weights a per-tensor GEMM (a scalar scale on both sides)."""
+    reduction, and for per-tensor weights with K > N a scalar scale on both sides
+    (``per_tensor_gemm_faster``)."""
     n, k = weight.shape
     scaled_mm, bf16 = torch._scaled_mm, torch.bfloat16
     quantize = quantize_activation_static_cuda if HAVE_TRITON else quantize_activation_static
-    per_tensor = scale.dim() == 0
+    per_tensor = scale.dim() == 0 and per_tensor_gemm_faster(n, k)
     scale_b = scale if per_tensor else gemm_scale
     # Row-wise GEMMs take the activation scale once per row: kept for the last row count (a layer
     # sees one per resolution: the image or the text stream's tokens) instead of made per call,
@@ -252,6 +258,19 @@ def _eager_static(params, weight, weight_t, scale, gemm_scale, input_scale, gemv
         return y.view(*shape[:-1], n)
 
     return run
+
+
+# Static activations with a per-tensor weight can take either cuBLASLt GEMM: a scalar scale on
+# both sides, or the row-wise one with the scales repeated (the same products). Measured on an H200
+# at every Linear shape of Qwen-Image and Z-Image (bench/gemm_shapes.py, bench/RESULTS.md), the
+# scalar one is faster only where K > N (the MLPs' down projections); elsewhere row-wise is, by up
+# to 9% (Z-Image's output projection, 4352x3840x3840: 0.108 against 0.119 ms with fast accumulation).
+STATIC_ROWWISE_UNLESS_K_ABOVE_N = True
+
+
+def per_tensor_gemm_faster(n: int, k: int) -> bool:
+    """Whether a static per-tensor layer of weight ``[n, k]`` multiplies with scalar scales."""
+    return k > n or not STATIC_ROWWISE_UNLESS_K_ABOVE_N
 
 
 def _quantize_static(x2: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,42 @@ def test_static_per_channel_shortcut_follows_row_counts_and_a_new_scale():
 
 
 @needs_fp8
+@pytest.mark.parametrize("n,k", [(384, 1536), (1536, 384)])  # K > N: scalar scales; else row-wise
+@pytest.mark.parametrize("fast", [False, True])
+def test_static_per_tensor_layer_eager_and_compiled(n, k, fast):
+    """A static per-tensor layer takes the GEMM measured faster at its shape (scalar scales where
+    K > N, row-wise elsewhere) with the layer's fast_accum: the eager shortcut and the general path
+    give the same bits, and the compiled layer's code asks for the same accumulation (a compiled
+    static layer once lost fast_accum, running exact accumulation)."""
+    from omni_fp8.converter.numerics import activation_scale
+
+    assert kernels.per_tensor_gemm_faster(n, k) == (k > n)
+    torch.manual_seed(0)
+    layer = Fp8Linear.from_linear(nn.Linear(k, n).to(torch.bfloat16), input_scale=activation_scale(torch.tensor(4.0))).cuda()
+    layer.fast_accum = fast
+    x = torch.randn(256, k, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer(x)
+        general = kernels.fp8_linear(x, layer.weight, layer.scale, layer.bias, None, layer._gemm_fn, layer.gemm_scale,
+                                     layer.input_scale, fast)
+        graphs = []
+
+        def capture(gm, example_inputs):  # the graph torch.compile traced, before Inductor
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        torch.compile(layer, backend=capture, fullgraph=True)(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True)(x)
+        torch._dynamo.reset()
+    assert torch.equal(eager, general)
+    calls = [node for gm in graphs for node in gm.graph.nodes if node.target is torch._scaled_mm]
+    assert len(calls) == 1 and calls[0].kwargs["use_fast_accum"] is fast
+    assert rel_l2(compiled, eager) < 1e-2  # Inductor's division in the quantization may round differently
+
+
+@needs_fp8
 def test_eager_shortcut_follows_a_move():
     layer = Fp8Linear.from_linear(nn.Linear(256, 256).to(torch.bfloat16)).cuda()
     x = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16)
