@@ -1,5 +1,5 @@
-"""Fused transformer blocks for Qwen-Image and Z-Image: one QKV projection per stream, RoPE
-Inductor can fuse, AdaLN modulate and the FP8 activation quantization in one kernel.
+"""Fused transformer blocks for Qwen-Image and Z-Image: one QKV projection per stream, QK-norm and
+RoPE in one kernel, AdaLN modulate and the FP8 activation quantization in one kernel.
 
 diffusers' attention processors for these models run three projections on the same input
 (``to_q``, ``to_k``, ``to_v``; Qwen-Image's text stream three more) and apply RoPE as complex
@@ -13,11 +13,18 @@ multiplication. ``fuse_blocks_`` replaces, in every attention of the model:
   part's scale, which is the same GEMM (``Fp8Linear`` already hands cuBLASLt its per-tensor scale
   repeated per row); per-channel and 128x128-block parts concatenate their scales. The
   activation is quantized once, as before;
-* the attention processor by one that splits the fused output with views, applies RoPE with
-  real-valued cos/sin under ``torch.compile`` (Inductor fuses real arithmetic with the QK-norm and
-  the concatenation; complex arithmetic it leaves to separate kernels) and, in eager mode, writes
-  the rotated queries and keys straight into the joint text|image buffer instead of
-  concatenating copies;
+* the attention processor by one that splits the fused output with views and, on a CUDA GPU
+  (BF16, no autograd, diffusers' ``RMSNorm`` QK-norms), runs each stream's QK-RMSNorm and RoPE as
+  one Triton kernel (``triton_kernels.qk_norm_rope_cuda``; a custom op under ``torch.compile``)
+  that reads the fused projection's q, k and v once and writes them straight into the joint
+  text|image attention inputs: eager diffusers spends about twenty kernels per stream on this
+  (the norms' float32 steps, the complex RoPE, the concatenating copies), Inductor one kernel per
+  tensor. Measured on an H200 (bench/RESULTS.md, "A 1.5x step"): Qwen-Image's fused eager FP8
+  step 171.8 -> 112.7 ms; compiled with static scales, 93.3 ms against 98.4 with Inductor doing
+  it. Elsewhere (CPU, other norms) the processor applies RoPE with real-valued cos/sin under
+  ``torch.compile`` (Inductor fuses real arithmetic with the QK-norm and the concatenation;
+  complex arithmetic it leaves to separate kernels) and, in eager mode, writes the rotated
+  queries and keys straight into the joint buffer instead of concatenating copies;
 * and in each Qwen-Image block, eager on a CUDA GPU, AdaLN's ``x * (1 + scale) + shift`` (three
   kernels in diffusers' ``_modulate``) by one Triton kernel that also writes the result's
   per-token FP8 codes when the block's projections are per-tensor/per-channel FP8: the
@@ -36,8 +43,10 @@ multiplication. ``fuse_blocks_`` replaces, in every attention of the model:
 
 Outputs: eager, the same operations on the same values as diffusers' processor (RoPE is its
 complex multiplication; only the GEMMs are wider), so they match it to the GEMMs' summation
-order; compiled, RoPE's real form rounds like the complex one up to the order of two float32
-products (tests/test_fused_blocks.py states each bound).
+order; the QK kernel rounds as torch does except for its variance's float32 summation order,
+which moves 2-5 values in a million by one BF16 step (measured on an H200 at real widths);
+compiled without the kernel, RoPE's real form rounds like the complex one up to the order of two
+float32 products (tests/test_fused_blocks.py and tests/test_gpu_fused_blocks.py state each bound).
 
     >>> from omni_fp8 import fuse_blocks_, unfuse_blocks_
     >>> fuse_blocks_(pipe.transformer)    # after quantize_ / loading and fuse_lora; before
@@ -60,7 +69,14 @@ from omni_fp8.converter.errors import ConfigError
 
 from .fp8_linear import Fp8Linear
 from .kernels import device_has_fp8, share_quantized_activation
-from .triton_kernels import GEMV_MAX_ROWS, HAVE_TRITON, modulate_cuda
+from .triton_kernels import (
+    GEMV_MAX_ROWS,
+    HAVE_TRITON,
+    modulate_cuda,
+    qk_norm_rope_cuda,
+    qk_norm_rope_op,
+    qk_norm_rope_supports,
+)
 
 __all__ = ["fuse_blocks_", "unfuse_blocks_", "FusedQwenImageAttnProcessor", "FusedZImageAttnProcessor"]
 
@@ -312,6 +328,33 @@ def _rope(x: torch.Tensor, freqs: torch.Tensor, head_axis: int) -> torch.Tensor:
     return _rope_complex(x, freqs.unsqueeze(head_axis))
 
 
+def _qk_norm_rope(streams: list[tuple], with_v: bool) -> list[torch.Tensor] | None:
+    """The joint query, key (and value) from one Triton kernel per stream, or ``None`` where it
+    does not apply (then the processor runs the norms, RoPE and concatenation as before).
+
+    ``streams``: ``(q, k, v, norm_q, norm_k, freqs)`` per stream in joint order, ``freqs`` the
+    complex frequencies as diffusers passes them ([S, D/2] or [B, S, D/2]).
+    """
+    if not streams or any(norm_q is None or norm_k is None or freqs is None or not torch.is_complex(freqs)
+                          for _, _, _, norm_q, norm_k, freqs in streams):
+        return None
+    cos_sins = [torch.view_as_real(freqs) for *_, freqs in streams]
+    eps = streams[0][3].eps
+    for (q, _, _, norm_q, norm_k, _), cos_sin in zip(streams, cos_sins):
+        if not qk_norm_rope_supports(q, norm_q, norm_k, cos_sin) or norm_q.eps != eps:
+            return None
+    args = ([s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams] if with_v else [],
+            [s[3].weight for s in streams], [s[4].weight for s in streams], cos_sins, eps)
+    if torch.compiler.is_compiling():
+        return qk_norm_rope_op(*args) if _COMPILED_QK_KERNEL else None
+    return qk_norm_rope_cuda(*args)
+
+
+# Whether compiled blocks call the kernel (as a custom op) or leave the norms and RoPE to Inductor
+# (bench/step_speed.py --qk-inductor compares the two: 93.3 against 98.4 ms, Qwen-Image on an H200).
+_COMPILED_QK_KERNEL = True
+
+
 class _FusedProcessor:
     """Marks the fused processors and keeps the one they replaced (restored by unfuse)."""
 
@@ -351,23 +394,13 @@ class FusedQwenImageAttnProcessor(_FusedProcessor):
 
         img_q, img_k, img_v = _projections(attn.to_qkv, hidden_states, head_dim)
         txt_q, txt_k, txt_v = _projections(attn.to_added_qkv, encoder_hidden_states, head_dim)
-        if attn.norm_q is not None:
-            img_q = attn.norm_q(img_q)
-        if attn.norm_k is not None:
-            img_k = attn.norm_k(img_k)
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
-
-        dtype = img_q.dtype
-        if image_rotary_emb is not None:
-            img_freqs, txt_freqs = image_rotary_emb
-            query = _joint(_rope(txt_q, txt_freqs, 1), _rope(img_q, img_freqs, 1), dtype)
-            key = _joint(_rope(txt_k, txt_freqs, 1), _rope(img_k, img_freqs, 1), dtype)
+        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        joint = _qk_norm_rope([(txt_q, txt_k, txt_v, attn.norm_added_q, attn.norm_added_k, txt_freqs),
+                               (img_q, img_k, img_v, attn.norm_q, attn.norm_k, img_freqs)], with_v=True)
+        if joint is not None:
+            query, key, value = joint
         else:
-            query, key = torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1)
-        value = torch.cat([txt_v, img_v], dim=1)
+            query, key, value = self._qkv(attn, img_q, img_k, img_v, txt_q, txt_k, txt_v, image_rotary_emb)
 
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
@@ -379,6 +412,24 @@ class FusedQwenImageAttnProcessor(_FusedProcessor):
             img_out = attn.to_out[1](img_out)
         txt_out = attn.to_add_out(out[:, :seq_txt])
         return img_out, txt_out
+
+    @staticmethod
+    def _qkv(attn, img_q, img_k, img_v, txt_q, txt_k, txt_v, image_rotary_emb):
+        """The joint query, key and value as diffusers computes them: each norm, RoPE, concatenation."""
+        img_q, img_k = _normed(attn.norm_q, img_q), _normed(attn.norm_k, img_k)
+        txt_q, txt_k = _normed(attn.norm_added_q, txt_q), _normed(attn.norm_added_k, txt_k)
+        dtype = img_q.dtype
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            query = _joint(_rope(txt_q, txt_freqs, 1), _rope(img_q, img_freqs, 1), dtype)
+            key = _joint(_rope(txt_k, txt_freqs, 1), _rope(img_k, img_freqs, 1), dtype)
+        else:
+            query, key = torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1)
+        return query, key, torch.cat([txt_v, img_v], dim=1)
+
+
+def _normed(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
 
 
 def _joint(txt: torch.Tensor, img: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -410,15 +461,17 @@ class FusedZImageAttnProcessor(_FusedProcessor):
 
         head_dim = attn.to_qkv.omni_fused_parts[0][1] // attn.heads
         query, key, value = _projections(attn.to_qkv, hidden_states, head_dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         dtype = query.dtype
-        if freqs_cis is not None:
-            with torch.amp.autocast("cuda", enabled=False):
-                query = _rope(query, freqs_cis, 2).to(dtype)
-                key = _rope(key, freqs_cis, 2).to(dtype)
+        joint = _qk_norm_rope([(query, key, value, attn.norm_q, attn.norm_k, freqs_cis)], with_v=False)
+        if joint is not None:
+            query, key = joint
+        else:
+            query, key = _normed(attn.norm_q, query), _normed(attn.norm_k, key)
+            dtype = query.dtype
+            if freqs_cis is not None:
+                with torch.amp.autocast("cuda", enabled=False):
+                    query = _rope(query, freqs_cis, 2).to(dtype)
+                    key = _rope(key, freqs_cis, 2).to(dtype)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,

@@ -1,4 +1,5 @@
-"""The Triton kernels: activation quantization in one launch, and an FP8-weight GEMV for few rows.
+"""The Triton kernels: activation quantization in one launch, an FP8-weight GEMV for few rows, and
+for ``fuse_blocks_`` AdaLN modulation and QK-norm with RoPE.
 
 ``numerics.quantize_activation`` written in plain torch launches about seven kernels per call
 (upcast, abs, amax, where, divide, clamp, cast), each one more launch per Linear in eager mode.
@@ -7,7 +8,8 @@ This kernel reads each row once and writes the FP8 row and its scale(s): one lau
 and saturating, after the clamp). Under ``torch.compile`` the plain-torch version is used
 instead, so Inductor fuses it into the op that produced the activations.
 
-The GEMV is also a custom op with a fake implementation, so compiled graphs can call it.
+The GEMV and the QK-norm/RoPE kernel are also custom ops with fake implementations, so compiled
+graphs can call them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from omni_fp8.converter.numerics import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 __all__ = ["HAVE_TRITON", "quantize_activation_cuda", "fp8_weight_gemv", "gemv_supports", "GEMV_MAX_ROWS",
-           "modulate_cuda", "quantize_activation_static_cuda"]
+           "modulate_cuda", "quantize_activation_static_cuda", "qk_norm_rope_cuda", "qk_norm_rope_supports"]
 
 try:
     import triton
@@ -47,7 +49,10 @@ if HAVE_TRITON:
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
             w = tl.load(w_ptr + rn[:, None] * stride_w + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
-            part = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))  # FP8 -> BF16 is exact; float32 sums
+            if BLOCK_M == 1:  # one row (one image): multiply-adds on the weight as loaded, no tensor-core layout
+                part = tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            else:
+                part = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))  # FP8 -> BF16 is exact; float32 sums
             if BLOCKED:
                 acc += part * tl.load(s_ptr + (pid * BLOCK_N // SCALE_BN) * stride_s + k0 // SCALE_BK)
             else:
@@ -123,6 +128,60 @@ if HAVE_TRITON:
             tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
             tl.store(s_ptr + row, s)
 
+
+    @triton.jit
+    def _rms_rope_heads(x, xp, w, wp, cos, sin, even, eps, D: tl.constexpr, ROPE_FMA: tl.constexpr):
+        """diffusers' RMSNorm and then its RoPE (complex multiplication) on ``x`` [heads, D] (float32
+        from BF16), ``xp`` holding each element's pair partner (``x[..., d ^ 1]``) and ``wp`` the
+        weight's: ``x * rsqrt(mean(x^2) + eps)`` rounded to BF16, times the BF16 weight rounded
+        again, rotated in float32 with ``cos``/``sin`` [D] (each pair's, repeated)."""
+        r = tl.math.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        y = _round_to_bf16(_round_to_bf16(x * r) * w)
+        yp = _round_to_bf16(_round_to_bf16(xp * r) * wp)
+        # (a + ib)(c + is) as c10::complex writes it: a*c - b*s at even d (y = a, yp = b), a*s + b*c
+        # at odd d (y = b, yp = a). Compiled without FMA contraction: ROPE_FMA alone says which
+        # product, if any, is fused into the sum (the choice torch's own kernel was compiled with).
+        if ROPE_FMA == 1:  # fma(a, c, -(b*s)), fma(a, s, b*c)
+            out = tl.where(even, tl.fma(y, cos, -(yp * sin)), tl.fma(yp, sin, y * cos))
+        elif ROPE_FMA == 2:  # fma(-b, s, a*c), fma(b, c, a*s)
+            out = tl.where(even, tl.fma(-yp, sin, y * cos), tl.fma(y, cos, yp * sin))
+        else:
+            out = tl.where(even, y * cos - yp * sin, yp * sin + y * cos)
+        return out
+
+    @triton.jit
+    def _qk_norm_rope(
+        q_ptr, k_ptr, v_ptr, wq_ptr, wk_ptr, cs_ptr, oq_ptr, ok_ptr, ov_ptr, S, stride_b, stride_s,
+        cs_stride_b, cs_stride_s, out_stride_b, out_offset, eps,
+        H: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr, COPY_V: tl.constexpr, ROPE_FMA: tl.constexpr,
+    ):
+        # One token of one stream and HEADS of its heads per program: q and k normed and rotated,
+        # and (with COPY_V) v copied, each written to row ``out_offset + s`` of the [B, S_out, H, D]
+        # output. Plain 2-D tiles: each element's RoPE partner is a second load of the same lines.
+        pid = tl.program_id(0)
+        b = pid // S
+        s = pid - b * S
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]
+        d = tl.arange(0, D)[None, :]
+        mask = (h < H) & (d < D)
+        src = b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + h * D
+        dst = b.to(tl.int64) * out_stride_b + (out_offset + s).to(tl.int64) * (H * D) + h * D + d
+        partner = d ^ 1
+        even = (d & 1) == 0
+        cs = cs_ptr + b.to(tl.int64) * cs_stride_b + s.to(tl.int64) * cs_stride_s + (d >> 1) * 2
+        cos, sin = tl.load(cs), tl.load(cs + 1)
+        xq = tl.load(q_ptr + src + d, mask=mask, other=0.0).to(tl.float32)
+        xqp = tl.load(q_ptr + src + partner, mask=mask, other=0.0).to(tl.float32)
+        xk = tl.load(k_ptr + src + d, mask=mask, other=0.0).to(tl.float32)
+        xkp = tl.load(k_ptr + src + partner, mask=mask, other=0.0).to(tl.float32)
+        if COPY_V:
+            tl.store(ov_ptr + dst, tl.load(v_ptr + src + d, mask=mask), mask=mask)
+        wq, wqp = tl.load(wq_ptr + d).to(tl.float32), tl.load(wq_ptr + partner).to(tl.float32)
+        wk, wkp = tl.load(wk_ptr + d).to(tl.float32), tl.load(wk_ptr + partner).to(tl.float32)
+        yq = _rms_rope_heads(xq, xqp, wq, wqp, cos, sin, even, eps, D, ROPE_FMA)
+        tl.store(oq_ptr + dst, yq.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
+        yk = _rms_rope_heads(xk, xkp, wk, wkp, cos, sin, even, eps, D, ROPE_FMA)
+        tl.store(ok_ptr + dst, yk.to(tl.bfloat16, fp_downcast_rounding="rtne"), mask=mask)
 
 _STATIC_BLOCK = 2048
 
@@ -212,14 +271,18 @@ def quantize_activation_cuda(
 
 
 GEMV_MAX_ROWS = 16
-_GEMV_BLOCK_N, _GEMV_BLOCK_K = 64, 128
+# Tiles (rows of the weight, columns, warps, stages): several rows through tensor cores, and one
+# row (one image, the common case) as plain multiply-adds on the loaded weight.
+_GEMV_TILE = (64, 128, 4, 4)
+_GEMV_ONE_ROW_TILE = (32, 256, 4, 3)  # 1x18432x3072 on an H200: 21.0 us against 29.1 (bench/gemm_shapes.py)
+_GEMV_ONE_ROW_BLOCKED_TILE = (32, 128, 4, 3)  # a tile must not straddle a 128x128 scale block
 
 
 def gemv_supports(block_size: tuple[int, int] | None) -> bool:
     """Whether ``fp8_weight_gemv`` takes weights of this scheme (block edges must align with its tiles)."""
-    return HAVE_TRITON and (
-        block_size is None or (block_size[0] % _GEMV_BLOCK_N == 0 and block_size[1] % _GEMV_BLOCK_K == 0)
-    )
+    return HAVE_TRITON and (block_size is None or all(
+        block_size[0] % tile[0] == 0 and block_size[1] % tile[1] == 0
+        for tile in (_GEMV_TILE, _GEMV_ONE_ROW_BLOCKED_TILE)))
 
 
 def fp8_weight_gemv(
@@ -244,14 +307,16 @@ def fp8_weight_gemv(
     key = (x.device.index, m == 1, m % 16 == 0, n, k, weight.stride(0), stride_s, bias is not None, blocked, per_row, block_size,
            x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, scale.data_ptr() % 16 == 0,
            bias is None or bias.data_ptr() % 16 == 0)
+    one_row = _GEMV_ONE_ROW_BLOCKED_TILE if blocked else _GEMV_ONE_ROW_TILE
+    block_n, block_k, warps, stages = one_row if m == 1 else _GEMV_TILE
     _GEMV.launch(
-        key, (triton.cdiv(n, _GEMV_BLOCK_N), 1),
+        key, (triton.cdiv(n, block_n), 1),
         (x, weight, scale, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), stride_s,
          y.stride(0)),
-        {"HAS_BIAS": bias is not None, "BLOCKED": blocked, "PER_ROW": per_row, "BLOCK_M": GEMV_MAX_ROWS,
-         "BLOCK_N": _GEMV_BLOCK_N, "BLOCK_K": _GEMV_BLOCK_K, "SCALE_BN": block_size[0] if blocked else 1,
+        {"HAS_BIAS": bias is not None, "BLOCKED": blocked, "PER_ROW": per_row, "BLOCK_M": 1 if m == 1 else GEMV_MAX_ROWS,
+         "BLOCK_N": block_n, "BLOCK_K": block_k, "SCALE_BN": block_size[0] if blocked else 1,
          "SCALE_BK": block_size[1] if blocked else 1},
-        num_warps=4, num_stages=4,
+        num_warps=warps, num_stages=stages,
     )
     return y
 
@@ -265,8 +330,10 @@ class _Launcher:
     caller names the call pattern with a ``key`` that fixes everything the specialization depends
     on; the first call of a pattern goes through Triton and keeps the compiled kernel, later ones
     call its launcher directly, as Triton itself does after the lookup. If that entry point is not
-    the one this Triton has (a launcher that takes different arguments), or a launch hook is set
-    (a profiler), every call goes through Triton.
+    the one this Triton has (a launcher that takes different arguments), every call goes through
+    Triton. While a launch hook is set (torch.profiler sets one while it records), patterns seen
+    for the first time go through Triton, so the hook sees them, and are kept once it is gone: a
+    profiled step does not leave the rest of the process on the slow path.
     """
 
     def __init__(self, kernel) -> None:
@@ -301,8 +368,7 @@ class _Launcher:
             self.direct, self.why_not = False, f"{type(e).__name__}: {e}"  # a Triton without this entry point
             return
         if not all(_no_hook(h) for h in hooks):
-            self.direct, self.why_not = False, "a Triton launch hook is set"
-            return
+            return  # kept at a later call, once the hook is gone
         if len(self.compiled) < 4096:
             self.compiled[key] = entry
 
@@ -346,3 +412,98 @@ def fp8_weight_gemv_op(
 @fp8_weight_gemv_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, block_n: int, block_k: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.bfloat16)
+
+
+# Which product of RoPE's complex multiplication is fused into its sum (see _rms_rope_heads): the
+# one that gives torch's bits on an H200 (tests/test_gpu_fused_blocks.py compares all three).
+_ROPE_FMA = 1
+_QK_HEADS = 8  # heads per program: [8, 128] tiles, Qwen-Image's 24 heads in 3 programs per token
+QK_NORM_ROPE_MAX_HEADS = 128
+
+
+def qk_norm_rope_supports(q: torch.Tensor, norm_q: torch.nn.Module, norm_k: torch.nn.Module,
+                          cos_sin: torch.Tensor) -> bool:
+    """Whether ``qk_norm_rope_cuda`` computes what diffusers' ``RMSNorm`` modules ``norm_q`` /
+    ``norm_k`` and its RoPE would for ``q`` [B, S, H, D] with ``cos_sin`` (``view_as_real`` of
+    the complex frequencies, [S, D/2, 2] or [B, S, D/2, 2]): BF16 on a CUDA GPU, a BF16 weight and
+    no bias in both norms, a power-of-two head size. No autograd: it has no backward."""
+    if not (HAVE_TRITON and q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and not torch.is_grad_enabled()):
+        return False
+    d = q.shape[-1]
+    if d < 16 or d > 256 or d & (d - 1) or q.shape[-2] > QK_NORM_ROPE_MAX_HEADS:
+        return False
+    for norm in (norm_q, norm_k):
+        weight = getattr(norm, "weight", None)
+        if (type(norm).__name__ != "RMSNorm" or weight is None or getattr(norm, "bias", None) is not None
+                or weight.dtype != torch.bfloat16 or weight.shape != (d,)):
+            return False
+    if norm_q.eps != norm_k.eps:
+        return False
+    return (cos_sin.dtype == torch.float32 and cos_sin.dim() in (3, 4) and cos_sin.shape[-2:] == (d // 2, 2)
+            and cos_sin.shape[-3] == q.shape[1] and (cos_sin.dim() == 3 or cos_sin.shape[0] in (1, q.shape[0])))
+
+
+def qk_norm_rope_cuda(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],
+                      q_weights: list[torch.Tensor], k_weights: list[torch.Tensor], cos_sins: list[torch.Tensor],
+                      eps: float) -> list[torch.Tensor]:
+    """QK-RMSNorm and RoPE of one or more streams, written straight into the attention's inputs.
+
+    Stream ``i`` is ``qs[i]``, ``ks[i]`` (and ``vs[i]`` if ``vs`` is given), each [B, S_i, H, D]
+    BF16 (views of a fused projection's output are fine), normed with ``q_weights[i]`` /
+    ``k_weights[i]`` and rotated with ``cos_sins[i]`` (``qk_norm_rope_supports``). Returns the
+    joint [B, sum S_i, H, D] query and key, streams in order (Qwen-Image: text, then image), and
+    the joint value when ``vs`` is given. diffusers runs this as about twenty kernels per stream in
+    eager mode (the norms' float32 steps, the complex RoPE, the concatenating copies) and Inductor
+    as one kernel per tensor that reads and writes in its own layout; here it is one launch per
+    stream that reads q, k, v once and writes them once. Same roundings as torch: the variance's
+    float32 sum is ordered differently, which can move a value by one BF16 step, rarely.
+    """
+    b, _, h, d = qs[0].shape
+    total = sum(q.shape[1] for q in qs)
+    out_q = torch.empty((b, total, h, d), dtype=torch.bfloat16, device=qs[0].device)
+    out_k = torch.empty_like(out_q)
+    out_v = torch.empty_like(out_q) if vs else None
+    offset = 0
+    for i, q in enumerate(qs):
+        k, v = ks[i], (vs[i] if vs else q)
+        if not (q.stride()[:2] == k.stride()[:2] == v.stride()[:2] and q.stride()[2:] == k.stride()[2:]
+                == v.stride()[2:] == (d, 1)):
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        cs = cos_sins[i]
+        if cs.stride()[-2:] != (2, 1):
+            cs = cs.contiguous()
+        seq = q.shape[1]
+        cs_stride_b = cs.stride(0) if cs.dim() == 4 and cs.shape[0] > 1 else 0
+        wq, wk = q_weights[i].contiguous(), k_weights[i].contiguous()
+        if b * seq:
+            args = (q, k, v, wq, wk, cs, out_q, out_k, out_v if vs else out_q, seq, q.stride(0), q.stride(1),
+                    cs_stride_b, cs.stride(-3), total * h * d, offset, float(eps))
+            key = (q.device.index, seq, q.stride(0), q.stride(1), cs_stride_b, cs.stride(-3), total, offset, h, d,
+                   bool(vs), _ROPE_FMA, *(t.data_ptr() % 16 == 0 for t in args[:9]))
+            heads = min(_QK_HEADS, triton.next_power_of_2(h))
+            _QK_NORM_ROPE.launch(
+                key, (b * seq, triton.cdiv(h, heads)), args,
+                {"H": h, "D": d, "HEADS": heads, "COPY_V": bool(vs), "ROPE_FMA": _ROPE_FMA},
+                num_warps=4, enable_fp_fusion=False,
+            )
+        offset += seq
+    return [out_q, out_k] + ([out_v] if vs else [])
+
+
+if HAVE_TRITON:
+    _QK_NORM_ROPE = _Launcher(_qk_norm_rope)
+
+
+@torch.library.custom_op("omni_fp8::qk_norm_rope", mutates_args=())
+def qk_norm_rope_op(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],
+                    q_weights: list[torch.Tensor], k_weights: list[torch.Tensor], cos_sins: list[torch.Tensor],
+                    eps: float) -> list[torch.Tensor]:
+    """``qk_norm_rope_cuda`` as a custom op for ``torch.compile``."""
+    return qk_norm_rope_cuda(qs, ks, vs, q_weights, k_weights, cos_sins, eps)
+
+
+@qk_norm_rope_op.register_fake
+def _(qs, ks, vs, q_weights, k_weights, cos_sins, eps):
+    b, _, h, d = qs[0].shape
+    shape = (b, sum(q.shape[1] for q in qs), h, d)
+    return [qs[0].new_empty(shape) for _ in range(3 if vs else 2)]

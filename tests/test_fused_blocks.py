@@ -321,6 +321,82 @@ def test_modulate_kernel_in_the_triton_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+INTERPRETED_QK_NORM_ROPE = r"""
+import torch
+from diffusers.models.normalization import RMSNorm
+from omni_fp8.runtime.triton_kernels import qk_norm_rope_cuda
+
+def truncated(t):  # Triton 3.6's interpreter stores float32 as BF16 by truncation, not rounding
+    return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+
+def reference(x, norm, freqs):  # diffusers: the RMSNorm module, then RoPE as complex multiplication
+    y = norm(x)
+    return torch.view_as_real(torch.view_as_complex(y.float().reshape(*y.shape[:-1], -1, 2)) * freqs).flatten(-2)
+
+torch.manual_seed(0)
+b, h, d = 2, 3, 32
+with torch.no_grad():
+    # Qwen-Image: a text and an image stream, views of fused projections (row stride 3*h*d),
+    # frequencies per position, the value copied into the joint buffer too
+    seqs = [5, 7]
+    parts = [torch.randn(b, s, 3 * h * d).bfloat16().split(h * d, dim=-1) for s in seqs]
+    q, k, v = ([p[i].unflatten(-1, (h, d)) for p in parts] for i in range(3))
+    norms = [RMSNorm(d, eps=1e-6).bfloat16() for _ in range(4)]
+    for n in norms:
+        n.weight.copy_(1 + 0.3 * torch.randn(d))
+    freqs = [torch.polar(torch.ones(s, d // 2), torch.randn(s, d // 2)) for s in seqs]
+    out = qk_norm_rope_cuda(q, k, v, [norms[0].weight, norms[2].weight], [norms[1].weight, norms[3].weight],
+                            [torch.view_as_real(f) for f in freqs], 1e-6)
+    assert [t.shape for t in out] == [(b, 12, h, d)] * 3
+    for got, which in zip(out[:2], (0, 1)):
+        expected = torch.cat([reference((q, k)[which][i], norms[2 * i + which], freqs[i][:, None]) for i in range(2)], 1)
+        assert torch.equal(got.float(), truncated(expected)), which
+    assert torch.equal(out[2], torch.cat(v, 1))
+    # Z-Image: one stream, frequencies per batch item and position, no value
+    q, k = torch.randn(b, 9, h, d).bfloat16(), torch.randn(b, 9, h, d).bfloat16()
+    f = torch.polar(torch.ones(b, 9, d // 2), torch.randn(b, 9, d // 2))
+    out = qk_norm_rope_cuda([q], [k], [], [norms[0].weight], [norms[1].weight], [torch.view_as_real(f)], 1e-6)
+    assert len(out) == 2
+    assert torch.equal(out[0].float(), truncated(reference(q, norms[0], f[:, :, None])))
+    assert torch.equal(out[1].float(), truncated(reference(k, norms[1], f[:, :, None])))
+print("ok")
+"""
+
+
+def test_qk_norm_rope_kernel_in_the_triton_interpreter():
+    """The QK-norm/RoPE kernel's indexing (two streams into one joint buffer at their offsets,
+    strided views of a fused projection, heads padded to a power of two, per-batch frequencies)
+    and its roundings, against diffusers' RMSNorm and complex RoPE, run by Triton's CPU
+    interpreter: every value equal once the interpreter's truncating BF16 store is applied to the
+    reference. On the GPU, tests/test_gpu_fused_blocks.py compares it with torch there."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed (CPU-only install)")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_QK_NORM_ROPE], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_qk_norm_rope_kernel_is_not_used_where_it_does_not_apply():
+    """On the CPU, with autograd, without RoPE or with a norm that is not diffusers' RMSNorm the
+    processors compute the norms and RoPE as diffusers does (the GPU kernel is not asked)."""
+    from diffusers.models.normalization import RMSNorm
+
+    from omni_fp8.runtime import fused_blocks
+
+    q = torch.randn(1, 4, 2, 32, dtype=torch.bfloat16)
+    norm = RMSNorm(32, eps=1e-6).bfloat16()
+    freqs = torch.polar(torch.ones(4, 16), torch.randn(4, 16))
+    with torch.no_grad():
+        assert fused_blocks._qk_norm_rope([(q, q, q, norm, norm, freqs)], with_v=True) is None  # CPU
+        assert fused_blocks._qk_norm_rope([(q, q, q, norm, norm, None)], with_v=True) is None
+        assert fused_blocks._qk_norm_rope([(q, q, q, nn.LayerNorm(32), norm, freqs)], with_v=True) is None
+
+
 def test_saving_a_fused_fp8_model_is_refused_until_unfused(tmp_path):
     model = build("qwen-image", "tensor")
     fuse_blocks_(model)
