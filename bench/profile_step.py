@@ -8,9 +8,11 @@ blocks is profiled (torch.profiler) and its kernel time is grouped into:
     gemm          cuBLAS / cuBLASLt / CUTLASS / nvjet kernels, torch._scaled_mm
     fp8 gemv      the few-row FP8-weight GEMV (the AdaLN modulation Linears)
     fp8 quant     the activation quantization: our Triton kernel in eager mode; under
-                  torch.compile the Inductor kernel it is fused into (its producer included)
+                  torch.compile the Inductor kernel it is fused into (its producer included:
+                  the amax reduction, or with static scales the clamp feeding ``_scaled_mm``)
     attention     the SDPA kernels (which backend ran is printed from the aten op's name)
     norm          LayerNorm / RMSNorm (QK-norm), alone or with what Inductor fused into them
+                  (the RoPE and the attention's layout too; ``fuse_blocks_``' QK-norm/RoPE kernel)
     rope          rotary embedding (complex multiplication, or its real form)
     modulation    AdaLN modulate and gates, GELU/SiLU, residual adds: the other elementwise work
                   (``fused-`` FP8 variants: the modulation kernel that also writes the FP8 codes)
@@ -150,13 +152,18 @@ def classify(kernel: str, label: str | None) -> str:
         return "fp8 gemv"
     if "_modulate_rows" in name:  # fuse_blocks_: AdaLN modulate, with the FP8 quantization when FP8
         return "modulation"
-    if label == "attention" or _ATTENTION.search(name):
+    if "_qk_norm_rope" in name:  # fuse_blocks_: QK-RMSNorm and RoPE, writing the attention's layout
+        return "norm"
+    inductor = name.startswith("triton_")  # its name lists the fused aten ops, the ops it feeds too
+    if inductor and "clamp" in name and "scaled_mm" in name:  # static FP8: the producer writes the codes
+        return "fp8 quant"
+    if not inductor and (label == "attention" or _ATTENTION.search(name)):
         return "attention"
-    if _GEMM.search(name):
+    if not inductor and _GEMM.search(name):
         return "gemm"
     if label in ("rope", "norm", "modulation"):
         return label
-    if "triton" in name:  # an Inductor kernel: its name lists the fused aten ops
+    if "triton" in name:  # an Inductor kernel
         if "rsqrt" in name or "layer_norm" in name or ("mean" in name and "pow" in name):
             return "norm"
         if "complex" in name or ("stack" in name and "sub" in name):
@@ -235,7 +242,60 @@ def profile_pass(fn, device: str, repeat: int) -> tuple[dict, list, dict]:
     ms = {c: categories[c] / 1e3 / repeat for c in CATEGORIES}
     top = [{"kernel": k[:120], "ms": v / 1e3 / repeat, "category": classify(k, None)}
            for k, v in per_kernel.most_common(25)]
-    return ms, top, dict(sdpa)
+    return ms, top, dict(sdpa), (timeline(events, repeat) if cuda else None)
+
+
+GAP_BINS = ((0.0, 5.0), (5.0, 20.0), (20.0, 100.0), (100.0, float("inf")))  # microseconds
+
+
+def timeline(events, repeat: int) -> dict:
+    """The GPU's busy and idle time over the profiled passes, per pass: how many kernels ran, how
+    long the GPU had none running, that idle time split by gap length (short gaps are kernel
+    boundaries; long ones the host not keeping up, or a wait), how much of it was spent waiting for
+    a kernel the host had not launched yet (``late_ms``: the launch call began after the GPU ran
+    dry, so the host set the pace there), the host's synchronising calls, and the kernel pairs
+    around the longest gaps in total."""
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    launched = {e.id: e.time_range.start for e in events if e.device_type == cpu and _LAUNCH.search(e.name)}
+    syncs: Counter = Counter()
+    for e in events:
+        if e.device_type == cpu and "Synchronize" in e.name:
+            syncs[e.name] += 1
+    spans = sorted((e.time_range.start, e.time_range.end, e.name, e.id) for e in events
+                   if e.device_type == cuda and e.name not in LABELS
+                   and not getattr(e, "is_user_annotation", False) and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    busy = idle = late = 0.0
+    bins = [[0, 0.0] for _ in GAP_BINS]
+    pairs: Counter = Counter()
+    end, last = spans[0][0], spans[0][2]
+    for start, stop, name, cid in spans:
+        if start > end:
+            gap = start - end
+            idle += gap
+            i = next(i for i, (lo, hi) in enumerate(GAP_BINS) if lo <= gap < hi)
+            bins[i][0] += 1
+            bins[i][1] += gap
+            pairs[(last[:60], name[:60])] += gap
+            if launched.get(cid, -1.0) > end:
+                late += gap  # launched only after the GPU had run dry
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    return {
+        "kernels": len(spans) / repeat,
+        "busy_ms": busy / 1e3 / repeat,
+        "idle_ms": idle / 1e3 / repeat,
+        "late_ms": late / 1e3 / repeat,
+        "syncs": {k: v / repeat for k, v in syncs.items()},
+        "gaps": {f"{lo:g}-{hi:g} us": {"count": n / repeat, "ms": t / 1e3 / repeat}
+                 for (lo, hi), (n, t) in zip(GAP_BINS, bins)},
+        "idle_after": [{"before": a, "after": b, "ms": t / 1e3 / repeat} for (a, b), t in pairs.most_common(8)],
+    }
+
+
+_LAUNCH = re.compile(r"^(cuda|cu)(LaunchKernel|LaunchKernelEx|LaunchKernelExC|MemcpyAsync|MemsetAsync|GraphLaunch)", re.I)
 
 
 def wall_ms(fn, device: str, repeat: int) -> float:
@@ -279,34 +339,46 @@ def measure(name: str, model: nn.Module, args_, kwargs, mode: str, a) -> dict:
     depth = step_speed.MODELS[name]["config"][step_speed.MODELS[name]["depth_key"]]
     blocks_attr = MAIN_BLOCKS[name]
     blocks = getattr(model, blocks_attr)
-    parts = {}
-    for part, kept in (("with", blocks), ("outside", nn.ModuleList())):
-        setattr(model, blocks_attr, kept)
-        try:
-            prepare(model, mode, a.device)
+    parts: dict = {}
 
-            def call():
-                return model(*args_, **kwargs)
+    def call():
+        return model(*args_, **kwargs)
 
-            with torch.no_grad():
-                for _ in range(2):  # compile / capture, warm-up
-                    call()
-                wall = wall_ms(call, a.device, a.repeat)
-                with labels(model, mode == "eager"):
-                    cats, top, sdpa = profile_pass(call, a.device, a.profile_repeat)
-            parts[part] = {"wall_ms": wall, "categories": cats, "top": top, "sdpa_ops": sdpa}
-        finally:
-            setattr(model, blocks_attr, blocks)
+    # Both wall times before either profile: a process may launch more slowly after the profiler
+    # has run (seen once: the second variant's compiled pass 136 ms, the first one's 92.8), so the
+    # profiles come last; for wall times to compare, give each variant a process of its own (one
+    # --variant per call).
+    for step in ("wall", "profile"):
+        for part, kept in (("with", blocks), ("outside", nn.ModuleList())):
+            setattr(model, blocks_attr, kept)
+            try:
+                prepare(model, mode, a.device)
+                with torch.no_grad():
+                    for _ in range(2):  # compile / capture, warm-up
+                        call()
+                    if step == "wall":
+                        parts[part] = {"wall_ms": wall_ms(call, a.device, a.repeat)}
+                        continue
+                    with labels(model, mode == "eager"):
+                        cats, top, sdpa, gpu = profile_pass(call, a.device, a.profile_repeat)
+                parts[part].update({"categories": cats, "top": top, "sdpa_ops": sdpa, "timeline": gpu})
+            finally:
+                setattr(model, blocks_attr, blocks)
     n = len(blocks)
 
     def scale(w: float, o: float) -> float:
         return o + (w - o) * depth / n
 
     full = {c: scale(parts["with"]["categories"][c], parts["outside"]["categories"][c]) for c in CATEGORIES}
+    gpu = {}
+    if parts["with"]["timeline"] and parts["outside"]["timeline"]:
+        w, o = parts["with"]["timeline"], parts["outside"]["timeline"]
+        gpu = {key: scale(w[key], o[key]) for key in ("kernels", "busy_ms", "idle_ms", "late_ms")}
+        gpu["gaps"] = {b: {f: scale(w["gaps"][b][f], o["gaps"][b][f]) for f in ("count", "ms")} for b in w["gaps"]}
     return {"mode": mode, "blocks": n, "depth": depth,
             "wall_ms": scale(parts["with"]["wall_ms"], parts["outside"]["wall_ms"]),
             "kernel_ms": sum(full.values()), "categories": full, "measured": parts,
-            "sdpa_ops": parts["with"]["sdpa_ops"]}
+            "sdpa_ops": parts["with"]["sdpa_ops"], "timeline": gpu}
 
 
 def print_table(name: str, runs: list[dict], a) -> None:
@@ -327,6 +399,15 @@ def print_table(name: str, runs: list[dict], a) -> None:
         print(f"{r['variant']}/{r['mode']}: SDPA ops: {ops}")
         for k in r["measured"]["with"]["top"][: a.top]:
             print(f"    {k['ms']:8.3f} ms  {k['category']:<11} {k['kernel'][:100]}")
+        gpu = r.get("timeline")
+        if gpu:
+            gaps = ", ".join(f"{b}: {g['count']:.0f} gaps {g['ms']:.1f} ms" for b, g in gpu["gaps"].items())
+            print(f"    GPU timeline per pass (profiled, so gaps are wider than unprofiled): {gpu['kernels']:.0f} kernels, "
+                  f"busy {gpu['busy_ms']:.1f} ms, idle {gpu['idle_ms']:.1f} ms, of it waiting for the host's "
+                  f"launch {gpu['late_ms']:.1f} ms ({gaps}); synchronising calls in the profiled blocks: "
+                  f"{r['measured']['with']['timeline']['syncs'] or 'none'}")
+            for g in r["measured"]["with"]["timeline"]["idle_after"][:4]:
+                print(f"      {g['ms']:6.2f} ms idle ({r['blocks']} blocks) between {g['before']} -> {g['after']}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -334,7 +415,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", action="append", choices=list(step_speed.MODELS))
     parser.add_argument("--blocks", type=int, default=4, help="main blocks profiled (scaled to full depth)")
     parser.add_argument("--variant", dest="variants", action="append",
-                        help="bf16, tensor, block, channel, or fused-<one of them> (default: bf16, tensor)")
+                        help="bf16, tensor, block, channel, tensor-fast (fast accumulation), X-static (calibrated "
+                             "activation scales), or fused-<one of them> (default: bf16, tensor)")
     parser.add_argument("--mode", dest="modes", action="append",
                         help="eager, graphs, default, max-autotune-no-cudagraphs (default: eager, default)")
     parser.add_argument("--preset", default="none", help="'none' quantizes every aligned Linear")
@@ -351,9 +433,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a.model = a.model or ["qwen-image"]
     a.variants = a.variants or ["bf16", "tensor"]
     a.modes = a.modes or ["eager", "default"]
+    plain = ("bf16", *step_speed.SCHEMES, "channel")
     for v in a.variants:
-        if v.removeprefix("fused-") not in ("bf16", *step_speed.SCHEMES, "channel"):
-            parser.error(f"unknown variant {v!r}: bf16, tensor, block, channel, or fused-<one of them>")
+        scheme = v.removeprefix("fused-")
+        if scheme not in plain and not (not a.tiny and scheme.removesuffix("-static") in (*plain[1:], "tensor-fast")):
+            parser.error(f"unknown variant {v!r}: bf16, tensor, block, channel, on a GPU also tensor-fast and "
+                         "X-static, or fused-<one of them>")
     if a.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: needs a CUDA GPU (or --tiny --device cpu for a smoke run)")
     if a.tiny and (a.height, a.width, a.txt) == (1024, 1024, 256):

@@ -650,9 +650,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, help="fewer blocks for a quick run (default: full depth)")
     ours = [*SCHEMES, "channel", "tensor-fast"]
     parser.add_argument("--scheme", dest="schemes", action="append",
-                        choices=[*ours, *(f"{s}-static" for s in (*SCHEMES, "channel"))],
+                        choices=[f"{f}{s}{t}" for f in ("", "fused-") for s in ours for t in ("", "-static")]
+                        + ["fused-bf16"],
                         help="ours: tensor, block, channel (row-wise weight scales), tensor-fast (fast accumulation); "
-                             "X-static: the same with calibrated static activation scales")
+                             "X-static: the same with calibrated static activation scales; fused-X: with fuse_blocks_")
     parser.add_argument("--peer", dest="peers", action="append", default=[], choices=list(PEERS),
                         help="a peer's FP8 on the same weights: torchao-row, torchao-tensor, diffusers-fp8r")
     parser.add_argument("--mode", dest="modes", action="append",
@@ -673,6 +674,10 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="also measure each variant's host time per forward")
     parser.add_argument("--no-linears", dest="linears", action="store_false",
                         help="skip timing each Linear shape alone (the ceiling)")
+    parser.add_argument("--static-scalar-gemm", action="store_true",
+                        help="static per-tensor layers: the scalar-scaled GEMM at every shape (not row-wise where N >= K)")
+    parser.add_argument("--qk-inductor", action="store_true",
+                        help="fused blocks under torch.compile: QK-norm and RoPE by Inductor, not the Triton kernel")
     parser.add_argument("--quiet-table", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--profile", action="store_true", help="print each mode's top GPU kernels")
@@ -680,6 +685,14 @@ def main() -> None:
     global PROFILE, TEXT_MASK
     PROFILE = a.profile
     TEXT_MASK = a.text_mask
+    if a.static_scalar_gemm:
+        from omni_fp8.runtime import kernels
+
+        kernels.STATIC_ROWWISE_UNLESS_K_ABOVE_N = False
+    if a.qk_inductor:
+        from omni_fp8.runtime import fused_blocks
+
+        fused_blocks._COMPILED_QK_KERNEL = False
     a.model = a.model or list(MODELS)
     a.schemes = a.schemes or ["tensor", "block"]
     a.variants = [*a.schemes, *a.peers]

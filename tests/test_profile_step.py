@@ -58,6 +58,14 @@ def test_profile_step_smoke_on_cpu(tmp_path, model, capsys):
     ("void at::native::CatArrayBatchedCopy<at::native::OpaqueType<2u>, unsigned int, 4, 64, 64>", None, "copies"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", None, "modulation"),
     ("void at::native::vectorized_elementwise_kernel<4, MulFunctor<float>>", "modulation", "modulation"),
+    # static FP8 under torch.compile: the producer writes the codes; Inductor names it after the GEMM it feeds
+    ("triton_poi_fused__scaled_mm__to_copy_clamp_div_mul_silu_t_view_6", None, "fp8 quant"),
+    ("triton_red_fused__scaled_mm__to_copy_add_clamp_div_mean_mul_pow_rsqrt_split_t_tanh_unsqueeze_view_5", None,
+     "fp8 quant"),
+    # QK-norm and RoPE, named after the attention they feed
+    ("triton_red_fused__scaled_dot_product_cudnn_attention__to_copy_add_mean_mul_permute_pow_rsqrt_select_2", None,
+     "norm"),
+    ("_qk_norm_rope", None, "norm"),
 ])
 def test_kernel_names_fall_in_their_category(kernel, label, category):
     assert profile_step.classify(kernel, label) == category

@@ -150,6 +150,8 @@ STATIC_POLICIES = [
     Policy("b-s", "every Linear, per-channel weight scales, static activations (max)", per_channel=True, static="max"),
     Policy("f-s", "embedders and output layers, static activations (max)", lambda blocks: list(EMBEDDERS),
            static="max"),
+    Policy("f-s+fast", "embedders and output layers, static activations (max), fast accumulation",
+           lambda blocks: list(EMBEDDERS), static="max", fast_accum=True),
 ]
 CONTROLS = ["fp32 (noise floor)", "e5m2 W8A8 (bad control)", "int4 weights (bad control)"]
 
