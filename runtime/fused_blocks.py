@@ -335,19 +335,28 @@ def _qk_norm_rope(streams: list[tuple], with_v: bool) -> list[torch.Tensor] | No
     ``streams``: ``(q, k, v, norm_q, norm_k, freqs)`` per stream in joint order, ``freqs`` the
     complex frequencies as diffusers passes them ([S, D/2] or [B, S, D/2]).
     """
-    if not streams or any(norm_q is None or norm_k is None or freqs is None or not torch.is_complex(freqs)
-                          for _, _, _, norm_q, norm_k, freqs in streams):
+    norms = [(_rms_norm(norm_q), _rms_norm(norm_k)) for _, _, _, norm_q, norm_k, _ in streams]
+    if not streams or any(n is None for pair in norms for n in pair) or any(
+            freqs is None or not torch.is_complex(freqs) for *_, freqs in streams):
         return None
+    eps = {n[1] for pair in norms for n in pair}
     cos_sins = [torch.view_as_real(freqs) for *_, freqs in streams]
-    eps = streams[0][3].eps
-    for (q, _, _, norm_q, norm_k, _), cos_sin in zip(streams, cos_sins):
-        if not qk_norm_rope_supports(q, norm_q, norm_k, cos_sin) or norm_q.eps != eps:
-            return None
+    if len(eps) != 1 or not all(qk_norm_rope_supports(s[0], qn[0], kn[0], cs)
+                                for s, (qn, kn), cs in zip(streams, norms, cos_sins)):
+        return None
     args = ([s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams] if with_v else [],
-            [s[3].weight for s in streams], [s[4].weight for s in streams], cos_sins, eps)
+            [qn[0] for qn, _ in norms], [kn[0] for _, kn in norms], cos_sins, eps.pop())
     if torch.compiler.is_compiling():
         return qk_norm_rope_op(*args) if _COMPILED_QK_KERNEL else None
     return qk_norm_rope_cuda(*args)
+
+
+def _rms_norm(norm: nn.Module | None) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of diffusers' ``RMSNorm`` with a weight and no bias, what the QK kernel computes."""
+    weight = getattr(norm, "weight", None)
+    if type(norm).__name__ != "RMSNorm" or weight is None or getattr(norm, "bias", None) is not None:
+        return None
+    return weight, norm.eps
 
 
 # Whether compiled blocks call the kernel (as a custom op) or leave the norms and RoPE to Inductor
@@ -461,17 +470,17 @@ class FusedZImageAttnProcessor(_FusedProcessor):
 
         head_dim = attn.to_qkv.omni_fused_parts[0][1] // attn.heads
         query, key, value = _projections(attn.to_qkv, hidden_states, head_dim)
-        dtype = query.dtype
         joint = _qk_norm_rope([(query, key, value, attn.norm_q, attn.norm_k, freqs_cis)], with_v=False)
         if joint is not None:
             query, key = joint
         else:
             query, key = _normed(attn.norm_q, query), _normed(attn.norm_k, key)
-            dtype = query.dtype
             if freqs_cis is not None:
+                dtype = query.dtype
                 with torch.amp.autocast("cuda", enabled=False):
                     query = _rope(query, freqs_cis, 2).to(dtype)
                     key = _rope(key, freqs_cis, 2).to(dtype)
+        dtype = query.dtype
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,

@@ -421,23 +421,17 @@ _QK_HEADS = 8  # heads per program: [8, 128] tiles, Qwen-Image's 24 heads in 3 p
 QK_NORM_ROPE_MAX_HEADS = 128
 
 
-def qk_norm_rope_supports(q: torch.Tensor, norm_q: torch.nn.Module, norm_k: torch.nn.Module,
+def qk_norm_rope_supports(q: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                           cos_sin: torch.Tensor) -> bool:
-    """Whether ``qk_norm_rope_cuda`` computes what diffusers' ``RMSNorm`` modules ``norm_q`` /
-    ``norm_k`` and its RoPE would for ``q`` [B, S, H, D] with ``cos_sin`` (``view_as_real`` of
-    the complex frequencies, [S, D/2, 2] or [B, S, D/2, 2]): BF16 on a CUDA GPU, a BF16 weight and
-    no bias in both norms, a power-of-two head size. No autograd: it has no backward."""
+    """Whether ``qk_norm_rope_cuda`` takes ``q`` [B, S, H, D] with these RMSNorm weights and
+    ``cos_sin`` (``view_as_real`` of the complex frequencies, [S, D/2, 2] or [B, S, D/2, 2]): BF16
+    on a CUDA GPU, BF16 weights, a power-of-two head size. No autograd: it has no backward."""
     if not (HAVE_TRITON and q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and not torch.is_grad_enabled()):
         return False
     d = q.shape[-1]
     if d < 16 or d > 256 or d & (d - 1) or q.shape[-2] > QK_NORM_ROPE_MAX_HEADS:
         return False
-    for norm in (norm_q, norm_k):
-        weight = getattr(norm, "weight", None)
-        if (type(norm).__name__ != "RMSNorm" or weight is None or getattr(norm, "bias", None) is not None
-                or weight.dtype != torch.bfloat16 or weight.shape != (d,)):
-            return False
-    if norm_q.eps != norm_k.eps:
+    if any(w.dtype != torch.bfloat16 or w.shape != (d,) for w in (q_weight, k_weight)):
         return False
     return (cos_sin.dtype == torch.float32 and cos_sin.dim() in (3, 4) and cos_sin.shape[-2:] == (d // 2, 2)
             and cos_sin.shape[-3] == q.shape[1] and (cos_sin.dim() == 3 or cos_sin.shape[0] in (1, q.shape[0])))

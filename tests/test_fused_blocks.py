@@ -20,6 +20,8 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -379,6 +381,51 @@ def test_qk_norm_rope_kernel_in_the_triton_interpreter():
     proc = subprocess.run([sys.executable, "-c", INTERPRETED_QK_NORM_ROPE], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+INTERPRETED_PROCESSORS = r"""
+import sys
+import torch
+sys.path.insert(0, "tests")
+from test_fused_blocks import build, inputs, run
+from omni_fp8 import fuse_blocks_
+from omni_fp8.runtime import fused_blocks, triton_kernels
+
+# The kernel's own conditions want a CUDA tensor; the interpreter runs it on these CPU ones.
+calls = []
+fused_blocks.qk_norm_rope_supports = lambda *args: True
+real = fused_blocks.qk_norm_rope_cuda
+fused_blocks.qk_norm_rope_cuda = lambda *args: calls.append(1) or real(*args)
+for name in ("qwen-image", "z-image"):
+    model = build(name, "bf16")
+    args_, kwargs = inputs(name, model, batch=2)
+    unfused = run(model, args_, kwargs)
+    fuse_blocks_(model)
+    calls.clear()
+    fused = run(model, args_, kwargs)
+    attentions = sum(1 for m in model.modules() if hasattr(m, "to_qkv"))
+    assert len(calls) == attentions, (name, len(calls), attentions)
+    error = ((fused.float() - unfused.float()).norm() / unfused.float().norm()).item()
+    assert error < 1e-2, (name, error)  # the interpreter stores BF16 truncated: a step off, now and then
+print("ok")
+"""
+
+
+def test_fused_processors_hand_the_kernel_their_streams_in_the_triton_interpreter():
+    """The processors' side of the QK kernel (which stream's q, k, v, norm weights, eps and
+    frequencies go where, text before image, a batch of two) on the CPU: the kernel run by
+    Triton's interpreter inside both fused models gives the unfused models' outputs."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed (CPU-only install)")
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_PROCESSORS], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 def test_qk_norm_rope_kernel_is_not_used_where_it_does_not_apply():
