@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_speed
 
-GEMMS = ("bf16", "row", "row-fast", "tensor", "tensor-fast")
+GEMMS = ("bf16", "row", "row-fast", "tensor", "tensor-fast")  # step_speed.gemm_ms
 GEMV_TILES = [(bn, bk, w, s) for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for s in (3, 5)]
 
 
@@ -65,27 +63,6 @@ def shapes(name: str, height: int, width: int, txt: int) -> Counter:
             total[shape] = max(total[shape], outside.get(shape, 0) + per_block * depth)
         del one, none
     return total
-
-
-def time_gemms(m: int, n: int, k: int, repeat: int) -> dict:
-    from omni_fp8.converter.numerics import FP8_DTYPE, quantize_activation
-    from omni_fp8.runtime import kernels
-
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
-    wq = (w * 8).to(FP8_DTYPE)
-    xq, xs = quantize_activation(x)
-    row_scale = torch.full((1, n), 0.125, device="cuda")
-    one = torch.ones((), device="cuda")
-    calls = {
-        "bf16": lambda: F.linear(x, w),
-        "row": lambda: kernels._rowwise_mm(xq, xs, wq, row_scale, None),
-        "row-fast": lambda: kernels._rowwise_mm(xq, xs, wq, row_scale, None, True),
-        "tensor": lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
-        "tensor-fast": lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                                use_fast_accum=True),
-    }
-    return {g: step_speed.median_ms(fn, 5, repeat, inner=20) for g, fn in calls.items()}
 
 
 def time_gemv(n: int, k: int, repeat: int, sweep: bool) -> dict:
@@ -149,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                 totals["gemv-shipped"] += count * t["shipped"]
                 totals["gemv-best"] += count * best[0]
                 continue
-            t = time_gemms(m, n, k, a.repeat)
+            t = step_speed.gemm_ms(m, n, k, a.repeat, GEMMS)
             rows[f"{m}x{n}x{k}"] = {"count": count, **t}
             flops = 2 * m * n * k
             cells = "".join(f"{t[g]:>8.3f} {flops / t[g] / 1e9:>4.0f} {t['bf16'] / t[g]:>4.2f}" for g in GEMMS)

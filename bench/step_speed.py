@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -290,31 +290,52 @@ def linear_shapes(model, args_, kwargs) -> Counter:
     return calls
 
 
-def time_linears(shapes: Counter, repeat: int) -> dict:
-    """Per shape: BF16 F.linear, FP8 row-wise GEMM, FP8 block GEMM (activation quantization excluded)."""
+def gemm_ms(m: int, n: int, k: int, repeat: int, which: Sequence[str]) -> dict[str, float]:
+    """Median ms of one ``m x n x k`` GEMM alone (activation quantization excluded), for each of
+    ``which``: ``bf16`` (F.linear); FP8 ``row`` (per-token x per-row scales: dynamic activations,
+    per-channel weights, fused QKV), ``tensor`` (a scalar scale on both sides: static per-tensor
+    layers), each with ``-fast`` accumulation; ``block`` (128x128 block scales; the row-wise GEMM's
+    time where this GPU or shape has none)."""
     from omni_fp8.converter.numerics import FP8_DTYPE, quantize_activation
     from omni_fp8.runtime import kernels
 
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
+    wq = (w * 8).to(FP8_DTYPE)
+    xq, xs = quantize_activation(x)
+    ws, one = torch.ones(1, n, device="cuda"), torch.ones((), device="cuda")
+    calls = {
+        "bf16": lambda: F.linear(x, w),
+        "row": lambda: kernels._rowwise_mm(xq, xs, wq, ws, None),
+        "row-fast": lambda: kernels._rowwise_mm(xq, xs, wq, ws, None, True),
+        "tensor": lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+        "tensor-fast": lambda: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                                use_fast_accum=True),
+    }
+    if kernels._probe(torch.device("cuda"), kernels.CUBLAS_BLOCK) is not None and n % 128 == 0 and k % 128 == 0:
+        xqb, xsb = kernels._quantize_for_gemm(x, 128)
+        wsb = kernels.gemm_scale_layout(torch.ones(n // 128, k // 128, device="cuda"), n, kernels.CUBLAS_BLOCK)
+        calls["block"] = lambda: kernels._blockwise_mm(xqb, xsb, wq, wsb, None)
+    else:
+        calls["block"] = calls["row"]
+    return {g: median_ms(calls[g], 5, repeat, inner=20) for g in which}
+
+
+def time_linears(shapes: Counter, repeat: int) -> dict:
+    """Per shape: BF16 F.linear, FP8 row-wise GEMM, FP8 block GEMM (activation quantization excluded)."""
+    from omni_fp8.converter.numerics import FP8_DTYPE
+    from omni_fp8.runtime import kernels
+
     rows = {}
-    block_mm = kernels._probe(torch.device("cuda"), kernels.CUBLAS_BLOCK)
     for (m, n, k), count in sorted(shapes.items()):
+        t = gemm_ms(m, n, k, repeat, ("bf16", "row", "block"))
+        row = {"count": count, "bf16": t["bf16"], "fp8_tensor": t["row"], "fp8_block": t["block"]}
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)
-        wq = (w * 8).to(FP8_DTYPE)
-        row = {"count": count, "bf16": median_ms(lambda: F.linear(x, w), 5, repeat, inner=20)}
-        xq, xs = quantize_activation(x)
-        ws = torch.ones(1, n, device="cuda")
-        row["fp8_tensor"] = median_ms(lambda: kernels._rowwise_mm(xq, xs, wq, ws, None), 5, repeat, inner=20)
-        if block_mm is not None and n % 128 == 0 and k % 128 == 0:
-            xqb, xsb = kernels._quantize_for_gemm(x, 128)
-            wsb = kernels.gemm_scale_layout(torch.ones(n // 128, k // 128, device="cuda"), n, kernels.CUBLAS_BLOCK)
-            row["fp8_block"] = median_ms(lambda: kernels._blockwise_mm(xqb, xsb, wq, wsb, None), 5, repeat, inner=20)
-        else:
-            row["fp8_block"] = row["fp8_tensor"]
         row["quant"] = median_ms(lambda: kernels._quantize_for_gemm(x, None), 5, repeat, inner=20)
         if m <= kernels.GEMV_MAX_ROWS:  # what Fp8Linear runs for few rows: the FP8-weight GEMV
             from omni_fp8.runtime.triton_kernels import fp8_weight_gemv
 
+            wq = (torch.randn(n, k, device="cuda") / math.sqrt(k) * 8).to(FP8_DTYPE)
             wscale = torch.ones((), device="cuda")
             row["gemv"] = median_ms(lambda: fp8_weight_gemv(x, wq, wscale, None, None), 5, repeat, inner=20)
             row["fp8_tensor_gemm"], row["fp8_tensor"] = row["fp8_tensor"], min(row["fp8_tensor"], row["gemv"])

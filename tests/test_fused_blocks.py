@@ -323,17 +323,23 @@ def test_modulate_kernel_in_the_triton_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
+def diffusers_qk(x: torch.Tensor, norm: nn.Module, freqs: torch.Tensor) -> torch.Tensor:
+    """What diffusers computes for a query or key: its RMSNorm module, then RoPE as complex
+    multiplication (``freqs`` broadcast against ``[..., D/2]``); float32, before the BF16 cast."""
+    y = norm(x)
+    return torch.view_as_real(torch.view_as_complex(y.float().reshape(*y.shape[:-1], -1, 2)) * freqs).flatten(-2)
+
+
 INTERPRETED_QK_NORM_ROPE = r"""
+import sys
 import torch
 from diffusers.models.normalization import RMSNorm
 from omni_fp8.runtime.triton_kernels import qk_norm_rope_cuda
+sys.path.insert(0, "tests")
+from test_fused_blocks import diffusers_qk as reference
 
 def truncated(t):  # Triton 3.6's interpreter stores float32 as BF16 by truncation, not rounding
     return (t.float().view(torch.int32) & ~0xFFFF).view(torch.float32)
-
-def reference(x, norm, freqs):  # diffusers: the RMSNorm module, then RoPE as complex multiplication
-    y = norm(x)
-    return torch.view_as_real(torch.view_as_complex(y.float().reshape(*y.shape[:-1], -1, 2)) * freqs).flatten(-2)
 
 torch.manual_seed(0)
 b, h, d = 2, 3, 32
@@ -379,7 +385,8 @@ def test_qk_norm_rope_kernel_in_the_triton_interpreter():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed (CPU-only install)")
     proc = subprocess.run([sys.executable, "-c", INTERPRETED_QK_NORM_ROPE], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+                          timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+                          cwd=str(Path(__file__).resolve().parents[1]))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 

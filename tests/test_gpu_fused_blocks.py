@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import count_calls
+from test_fused_blocks import diffusers_qk
 from test_gpu import needs_fp8, pytestmark, qwen_cuda_inputs, rel_l2  # noqa: F401 - the GPU marks, helpers
 from torch import nn
 
@@ -156,13 +157,6 @@ def test_fused_modulation_hands_its_quantization_to_the_projections(monkeypatch)
     no_worse_than_unfused("qwen-image", fused, unfused)
 
 
-def _diffusers_qk(x: torch.Tensor, norm: nn.Module, freqs: torch.Tensor) -> torch.Tensor:
-    """What diffusers computes: its RMSNorm module, then RoPE as complex multiplication, BF16 out."""
-    y = norm(x)
-    rotated = torch.view_as_complex(y.float().reshape(*y.shape[:-1], -1, 2)) * freqs
-    return torch.view_as_real(rotated).flatten(-2).to(torch.bfloat16)
-
-
 def _qk_case(layout: str):
     """Real widths: Qwen-Image (24 heads of 128, a 256-token text stream and a 1024-token image
     stream, views of fused QKV outputs, eps 1e-6) or Z-Image (30 heads, one stream of 1280 tokens in
@@ -197,8 +191,8 @@ def test_qk_norm_rope_kernel_against_diffusers(layout, monkeypatch):
     streams, eps = _qk_case(layout)
     with torch.no_grad():
         freqs_axis = 1 if layout == "qwen-image" else 2
-        expected = [torch.cat([_diffusers_qk(s[i], s[3 + i], s[5].unsqueeze(freqs_axis)) for s in streams], 1)
-                    for i in (0, 1)]
+        expected = [torch.cat([diffusers_qk(s[i], s[3 + i], s[5].unsqueeze(freqs_axis)).bfloat16()
+                               for s in streams], 1) for i in (0, 1)]
         counts = {}
         shipped = tk._ROPE_FMA
         for mode in (0, 1, 2):
